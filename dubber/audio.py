@@ -1,0 +1,77 @@
+"""Audio loading and the log-mel features every backbone and the sync expert consume.
+
+Features follow Wav2Lip's spectrogram settings (the DCK paper reuses them): 16 kHz mono,
+80 mel bands, 50 ms window, 12.5 ms hop, so 80 mel frames per second. A video frame at time t
+gets the mel window centred on t, which keeps any frame rate (25, 29.97, 30, 60) in sync.
+"""
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from dubber import media
+from dubber.errors import DubberError
+
+SAMPLE_RATE = 16000  # Hz
+N_FFT = 800  # samples (50 ms)
+HOP_LENGTH = 200  # samples (12.5 ms)
+N_MELS = 80
+MEL_FPS = SAMPLE_RATE / HOP_LENGTH  # mel frames per second (80)
+FMIN, FMAX = 55, 7600  # Hz
+MIN_LEVEL_DB = -100.0
+REF_LEVEL_DB = 20.0
+SILENCE_RMS = 1e-4  # full-scale RMS under which a track counts as silent
+
+
+def load_audio(path: Union[str, Path], check_silence: bool = True) -> np.ndarray:
+    """Decode any audio ffmpeg reads (or a video's audio track) to float32 [n] at SAMPLE_RATE, mono."""
+    wav = media.decode_audio(path, SAMPLE_RATE)
+    if wav.size < SAMPLE_RATE // 25:
+        raise DubberError("audio is shorter than one video frame", path)
+    if check_silence and float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) < SILENCE_RMS:
+        raise DubberError("audio track is silent", path)
+    return wav
+
+
+_MEL_BASIS = None
+
+
+def log_mel(wav: np.ndarray) -> np.ndarray:
+    """float32 [n] at SAMPLE_RATE -> normalised log-mel spectrogram float32 [N_MELS, T], values in [-4, 4]."""
+    global _MEL_BASIS
+    import librosa
+
+    if _MEL_BASIS is None:
+        _MEL_BASIS = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
+    # Pre-emphasis, as in Wav2Lip: lifts the high bands where consonants live.
+    emphasised = np.append(wav[:1], wav[1:] - 0.97 * wav[:-1]).astype(np.float32)
+    spec = np.abs(librosa.stft(emphasised, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT))
+    mel_db = 20 * np.log10(np.maximum(1e-5, _MEL_BASIS @ spec)) - REF_LEVEL_DB
+    normalised = np.clip(8 * (mel_db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - 4, -4, 4)
+    return normalised.astype(np.float32)
+
+
+def mel_windows(mel: np.ndarray, times_s: np.ndarray, width: int) -> np.ndarray:
+    """Cut one window per timestamp: mel [N_MELS, T], times_s [N] -> [N, N_MELS, width].
+
+    Window i is centred on times_s[i]; edges are padded with the quietest value (-4) so frames
+    at the very start or past the end of the audio see silence rather than a wrap-around.
+    """
+    times_s = np.asarray(times_s, dtype=np.float64)
+    starts = np.round(times_s * MEL_FPS).astype(np.int64) - width // 2
+    pad = width + 1
+    padded = np.pad(mel, ((0, 0), (pad, pad)), constant_values=-4.0)
+    starts = np.clip(starts + pad, 0, padded.shape[1] - width)
+    index = starts[:, None] + np.arange(width)[None, :]
+    return np.ascontiguousarray(padded[:, index].transpose(1, 0, 2))
+
+
+def envelope(wav: np.ndarray, times_s: np.ndarray, window_s: float = 0.04) -> np.ndarray:
+    """RMS speech envelope sampled at times_s: wav [n] -> [N] (full-scale RMS over window_s around each t)."""
+    half = max(1, int(window_s * SAMPLE_RATE / 2))
+    centres = np.round(np.asarray(times_s) * SAMPLE_RATE).astype(np.int64)
+    power = np.concatenate([[0.0], np.cumsum(wav.astype(np.float64) ** 2)])
+    lo = np.clip(centres - half, 0, wav.size)
+    hi = np.clip(centres + half, 0, wav.size)
+    return np.sqrt((power[hi] - power[lo]) / np.maximum(hi - lo, 1)).astype(np.float32)

@@ -1,0 +1,138 @@
+"""Layers shared by the backbones: conv-norm-act, residual blocks, the dynamic 1x1 convolution
+(DCK, Ye et al.) and an audio encoder over mel windows.
+
+Shapes follow PyTorch: images [B, C, H, W]; mel windows [B, 1, 80, W] (80 mel bands, W mel frames
+at 80 frames per second, see dubber.audio).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAKY_SLOPE = 0.2  # LeakyReLU slope everywhere; the DCK paper's Lemma 1 covers Leaky ReLU
+N_MELS = 80  # mel bands of dubber.audio (not imported: audio.py pulls in the media stack)
+
+# Audio encoder: Wav2Lip's layout (strides that take 80x16 mel frames down to 1x1), narrower.
+AUDIO_WIDTHS = (16, 32, 64, 128)
+AUDIO_STRIDES = ((1, 1), (3, 1), (3, 3), (3, 2))
+AUDIO_EMBED_DIM = 256
+
+# Dynamic 1x1 conv: the kernel generator's last layer starts scaled down so that at
+# initialisation the audio-dependent part of the kernel is about as large as the static part
+# (its bias) instead of ten times larger; training then decides how much audio matters.
+DYNAMIC_INIT_SCALE = 0.1
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d (same padding) -> BatchNorm2d -> LeakyReLU.  [B, in, H, W] -> [B, out, H/stride, W/stride]."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride=1,
+                 act: bool = True):
+        super().__init__(
+            # No conv bias: BatchNorm's shift makes it redundant.
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True) if act else nn.Identity(),
+        )
+
+
+class ResidualBlock(nn.Module):
+    """x + conv-bn-act-conv-bn(x), then LeakyReLU.  [B, C, H, W] -> [B, C, H, W]."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(ConvNormAct(channels, channels), ConvNormAct(channels, channels, act=False))
+        self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class UpConv(nn.Sequential):
+    """Transposed conv (kernel 4, stride 2) -> BatchNorm2d -> LeakyReLU.  [B, in, H, W] -> [B, out, 2H, 2W].
+
+    Kernel 4 with stride 2 gives every output pixel the same number of taps (no built-in
+    checkerboard), and on a CPU it runs about twice as fast as nearest upsampling + 3x3 conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+        )
+
+
+def dynamic_conv1x1(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """1x1 convolution with a different kernel per sample, in one grouped-conv call.
+
+    x [B, C_in, H, W]; kernels [B, C_out, C_in + 1] (last column: bias) -> [B, C_out, H, W].
+    The batch is folded into channels and each sample is its own group, as in the DCK paper.
+    """
+    batch, in_channels, height, width = x.shape
+    if kernels.shape[0] != batch or kernels.shape[2] != in_channels + 1:
+        raise ValueError(f"kernels {tuple(kernels.shape)} do not fit input {tuple(x.shape)}")
+    out_channels = kernels.shape[1]
+    weight = kernels[:, :, :in_channels].reshape(batch * out_channels, in_channels, 1, 1)
+    bias = kernels[:, :, in_channels].reshape(batch * out_channels)
+    out = F.conv2d(x.reshape(1, batch * in_channels, height, width), weight, bias, groups=batch)
+    return out.view(batch, out_channels, height, width)
+
+
+class DynamicConv1x1(nn.Module):
+    """A 1x1 conv whose kernel and bias are inferred from a condition vector (the audio embedding).
+
+    A two-layer fully connected network maps cond [B, cond_dim] to kernels [B, C_out, C_in + 1];
+    forward(x [B, C_in, H, W], cond [B, cond_dim]) -> [B, C_out, H, W].
+    The last layer's bias is the static part of the kernel and is initialised like a conv kernel.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_net = nn.Sequential(
+            nn.Linear(cond_dim, hidden_dim),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+            nn.Linear(hidden_dim, out_channels * (in_channels + 1)),
+        )
+        last = self.kernel_net[-1]
+        with torch.no_grad():
+            last.weight.mul_(DYNAMIC_INIT_SCALE)
+            bound = 1.0 / math.sqrt(in_channels)  # nn.Conv2d's default range for a 1x1 kernel
+            last.bias.view(out_channels, in_channels + 1).uniform_(-bound, bound)
+
+    def kernels(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond [B, cond_dim] -> kernels [B, C_out, C_in + 1]."""
+        return self.kernel_net(cond).view(-1, self.out_channels, self.in_channels + 1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return dynamic_conv1x1(x, self.kernels(cond))
+
+
+class AudioEncoder(nn.Module):
+    """Mel window [B, 1, 80, 16] (values in [-4, 4]) -> audio embedding [B, embed_dim].
+
+    Conv and residual blocks in Wav2Lip's layout (which the DCK paper uses pre-trained); here it is
+    narrower and trained from scratch with the generator.
+    """
+
+    def __init__(self, embed_dim: int = AUDIO_EMBED_DIM, widths=AUDIO_WIDTHS, strides=AUDIO_STRIDES):
+        super().__init__()
+        layers, in_channels = [], 1
+        for width, stride in zip(widths, strides):
+            layers += [ConvNormAct(in_channels, width, 3, stride), ResidualBlock(width)]
+            in_channels = width
+        # 3x3 valid conv collapses the last 3x3 map (80x16 input) to 1x1, then a 1x1 projection.
+        layers += [nn.Conv2d(in_channels, embed_dim, 3), nn.BatchNorm2d(embed_dim), nn.LeakyReLU(LEAKY_SLOPE, True),
+                   nn.Conv2d(embed_dim, embed_dim, 1)]
+        self.net = nn.Sequential(*layers)
+        self.embed_dim = embed_dim
+
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        if mels.dim() != 4 or mels.shape[1] != 1 or mels.shape[2] != N_MELS:
+            raise ValueError(f"mel windows must be [B, 1, {N_MELS}, W], got {tuple(mels.shape)}")
+        out = self.net(mels)
+        # Pooling keeps windows other than 16 frames usable; at 16 the map is already 1x1.
+        return out.mean(dim=(2, 3))

@@ -1,0 +1,419 @@
+"""The one core every command shares: stream frames, detect and align, batch the backbone, blend, encode.
+
+Two passes over a video: `analyse` decodes once to track the face (landmarks are small, so the
+whole track is kept and smoothed with look-ahead), then `lipsync` decodes again and streams
+frames through crop -> backbone (in batches) -> paste-back -> encoder. Memory is bounded by one
+batch of frames whatever the length; the analysis is the same cache `preprocess` writes.
+"""
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from dubber import audio, media
+from dubber.backbones import CROP_BOX, CROP_FACE, Backbone, CropSpec, load_backbone
+from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE
+from dubber.blend import BLEND_MODES, border_mask, lower_face_mask, paste_back
+from dubber.errors import DubberError
+from dubber.face.align import crop_transforms, transform_points, warp_crop
+from dubber.face.track import DETECT_EVERY, FaceTrack, track_faces
+
+BATCH_SIZE = 16  # frames per backbone call
+CACHE_VERSION = 1
+
+PathLike = Union[str, Path]
+ProgressHook = Callable[[str, int, Optional[int]], None]  # (stage, advance, total)
+
+
+@dataclass
+class LipsyncOptions:
+    """Everything `lipsync` can be told; the CLI maps its flags onto this."""
+
+    backbone: Optional[Union[str, Backbone]] = None  # name, instance, or None for the default
+    weights: Optional[PathLike] = None
+    device: str = "auto"
+    half: bool = False
+    fps: float = media.DEFAULT_IMAGE_FPS  # frame rate for photo input
+    blend: str = "auto"  # auto: alpha for backbones that return α, feather otherwise
+    colour_match: bool = True
+    detector: str = "hog"
+    detect_every: int = DETECT_EVERY
+    face_index: int = 0
+    face_box: Optional[Tuple[float, float, float, float]] = None
+    batch_size: int = BATCH_SIZE
+    overwrite: bool = False
+
+
+@dataclass
+class Analysis:
+    """A face input analysed: its media description, frame rate and face track (N source frames)."""
+
+    info: media.MediaInfo
+    fps: float
+    track: FaceTrack
+    image: Optional[np.ndarray] = None  # the decoded photo, for photo input
+
+    @property
+    def is_image(self) -> bool:
+        return self.image is not None
+
+
+@dataclass
+class Summary:
+    """What one lipsync run did; printed by the CLI, returned by the API."""
+
+    output: Path
+    frames: int = 0
+    faces: int = 0
+    passed_through: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    backbone: str = ""
+    device: str = ""
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds else 0.0
+
+
+def select_device(name: str = "auto"):
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error, not a silent fallback."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DubberError("--device cuda asked for, but no CUDA GPU is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise DubberError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def _hook(progress: Optional[ProgressHook], stage: str, total: Optional[int]) -> Callable[[int], None]:
+    if progress is None:
+        return lambda n=1: None
+    progress(stage, 0, total)
+    return lambda n=1: progress(stage, n, total)
+
+
+def analyse(face_path: PathLike, options: LipsyncOptions = LipsyncOptions(),
+            progress: Optional[ProgressHook] = None) -> Analysis:
+    """Decode a photo or video once and track the chosen face through it."""
+    info = media.probe(face_path)
+    if info.is_image:
+        image = media.read_image(info.path)
+        info.width, info.height = image.shape[1], image.shape[0]
+        track = track_faces([image], options.detector, 1, options.face_index, options.face_box)
+        if not track.valid.any():
+            raise DubberError("no face found in the image", info.path)
+        return Analysis(info, options.fps, track, image)
+    if not info.has_video:
+        raise DubberError("has no video stream (expected a photo or a video of a face)", info.path)
+    expected = max(1, int(round(info.duration * info.fps)))
+    step = _hook(progress, "detect faces", expected)
+    reader = media.VideoReader(info)
+    track = track_faces(reader, options.detector, options.detect_every, options.face_index,
+                        options.face_box, on_frame=lambda t: step(1))
+    if reader.frames_read == 0:
+        raise DubberError("no video frame could be decoded (corrupt or truncated file)", info.path)
+    if not track.valid.any():
+        raise DubberError("no face found in any frame", info.path)
+    return Analysis(info, info.fps, track)
+
+
+def pingpong(n_out: int, n_src: int) -> np.ndarray:
+    """Source frame for each output frame: forward, then backward, ... ([n_out] int64)."""
+    if n_src <= 1:
+        return np.zeros(n_out, np.int64)
+    period = 2 * (n_src - 1)
+    k = np.arange(n_out) % period
+    return np.where(k < n_src, k, period - k).astype(np.int64)
+
+
+def _frames_in_order(analysis: Analysis, order: np.ndarray) -> Iterator[np.ndarray]:
+    if analysis.is_image:
+        for _ in range(len(order)):
+            yield analysis.image
+    else:
+        yield from media.iter_frames(analysis.info, order.tolist())
+
+
+def _to_tensor(crops: List[np.ndarray], device, dtype):
+    """uint8 BGR [S, S, 3] list -> float [B, 3, S, S] RGB in [0, 1]."""
+    import torch
+
+    batch = np.stack(crops)[..., ::-1].transpose(0, 3, 1, 2) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(batch)).to(device=device, dtype=dtype)
+
+
+def _from_tensor(images) -> np.ndarray:
+    """float [B, 3, S, S] RGB in [0, 1] -> uint8 BGR [B, S, S, 3]."""
+    array = images.detach().float().clamp(0, 1).mul(255).round().byte().cpu().numpy()
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1)[..., ::-1])
+
+
+class Generator:
+    """A backbone on its device, turning batches of aligned crops + mel windows into new crops."""
+
+    def __init__(self, backbone: Backbone, device, half: bool = False):
+        import torch
+
+        self.backbone = backbone
+        self.device = device
+        self.dtype = torch.float16 if half and device.type == "cuda" else torch.float32
+        self.backbone.to(device=device, dtype=self.dtype).eval()
+        self.seconds = 0.0
+
+    def __call__(self, crops: List[np.ndarray], mels: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """crops: uint8 BGR [S, S, 3] x B; mels [B, 80, W] -> (uint8 BGR [B, S, S, 3], α float32 [B, S, S] or None)."""
+        import torch
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            faces = _to_tensor(crops, self.device, self.dtype)
+            mel = torch.from_numpy(mels[:, None]).to(device=self.device, dtype=self.dtype)
+            references = faces if self.backbone.needs_reference else None
+            out = self.backbone(faces, mel, references)
+            images = _from_tensor(out.images)
+            alpha = None if out.alpha is None else out.alpha[:, 0].float().cpu().numpy()
+        self.seconds += time.perf_counter() - start
+        return images, alpha
+
+
+def resolve_backbone(options: LipsyncOptions, is_image: bool) -> Backbone:
+    if isinstance(options.backbone, Backbone):
+        return options.backbone
+    name = options.backbone or (DEFAULT_PHOTO_BACKBONE if is_image else DEFAULT_VIDEO_BACKBONE)
+    return load_backbone(name, options.weights)
+
+
+def blend_mode(options: LipsyncOptions, backbone: Backbone) -> str:
+    mode = options.blend
+    if mode == "auto":
+        return "alpha" if backbone.returns_alpha else "feather"
+    if mode not in BLEND_MODES:
+        raise DubberError(f"unknown blend mode {mode!r}; choose auto, {', '.join(BLEND_MODES)}")
+    return mode
+
+
+def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
+            options: LipsyncOptions = LipsyncOptions(), progress: Optional[ProgressHook] = None) -> Summary:
+    """Make the face in `face_path` (photo or video) speak `audio_path`; write an MP4 to `output`.
+
+    The output lasts as long as the audio (to within one frame) at the video's frame rate (photo:
+    options.fps). A video shorter than the audio plays forward and back; a longer one is cut.
+    Frames without a face pass through unchanged.
+    """
+    started = time.perf_counter()
+    face_path, audio_path = media.check_input(face_path), media.check_input(audio_path)
+    output = media.check_output(output, [face_path, audio_path], options.overwrite)
+    if output.suffix.lower() != ".mp4":
+        raise DubberError("output must be an .mp4 file", output)
+    wav = audio.load_audio(audio_path)
+    analysis = analyse(face_path, options, progress)
+    backbone = resolve_backbone(options, analysis.is_image)
+    mode = blend_mode(options, backbone)
+    generator = Generator(backbone, select_device(options.device), options.half)
+
+    fps = analysis.fps
+    duration = len(wav) / audio.SAMPLE_RATE
+    n_out = max(1, int(round(duration * fps)))
+    order = pingpong(n_out, len(analysis.track))
+    spec = backbone.crop
+    transforms = crop_transforms(analysis.track.landmarks, spec)[order]
+    landmarks = analysis.track.landmarks[order]
+    mel = audio.log_mel(wav)
+    summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
+                      device=str(generator.device))
+    if len(analysis.track) < n_out and not analysis.is_image:
+        summary.notes.append(f"video ({len(analysis.track)} frames) is shorter than the audio: played forward and back")
+
+    step = _hook(progress, "lip sync", n_out)
+    info = analysis.info
+    with media.atomic_output(output) as tmp:
+        with media.VideoWriter(tmp, fps, info.width, info.height, audio_path, duration) as writer:
+            pending: List[Tuple[int, np.ndarray]] = []
+
+            def flush():
+                faces = [i for i, _ in pending if not np.isnan(transforms[i, 0, 0])]
+                crops = [warp_crop(frame, transforms[i], spec.size) for i, frame in pending if i in faces]
+                generated = alpha = None
+                if crops:
+                    mels = audio.mel_windows(mel, np.array(faces) / fps, backbone.mel_width)
+                    generated, alpha = generator(crops, mels)
+                for i, frame in pending:
+                    if i in faces:
+                        j = faces.index(i)
+                        matrix = transforms[i]
+                        if mode == "alpha":
+                            mask = border_mask(spec.size)
+                        else:
+                            mask = lower_face_mask(transform_points(landmarks[i], matrix), spec.size)
+                        frame = paste_back(frame, crops[j], generated[j], matrix, mask, mode, options.colour_match)
+                        summary.faces += 1
+                    else:
+                        summary.passed_through += 1
+                    writer.write(frame)
+                step(len(pending))
+                pending.clear()
+
+            for index, frame in enumerate(_frames_in_order(analysis, order)):
+                if index >= n_out:
+                    break
+                pending.append((index, frame))
+                if len(pending) == options.batch_size:
+                    flush()
+            if pending:
+                flush()
+            summary.frames = writer.frames_written
+        if summary.frames < n_out:
+            # A truncated video decodes fewer frames on the second pass than it promised: end with its last frame.
+            raise DubberError(f"video ended early: {summary.frames} of {n_out} frames decoded", face_path)
+    summary.seconds = time.perf_counter() - started
+    summary.model_seconds = generator.seconds
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess: the analysis written to disk, for train and eval to reuse
+
+
+def default_crop_specs() -> List[CropSpec]:
+    return [CropSpec(CROP_FACE, 96), CropSpec(CROP_BOX, 128)]
+
+
+def crop_key(spec: CropSpec) -> str:
+    return f"{spec.kind}{spec.size}"
+
+
+def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec] = (),
+               options: LipsyncOptions = LipsyncOptions(), progress: Optional[ProgressHook] = None,
+               overwrite: bool = False) -> Path:
+    """Analyse one photo/video and write `<out_dir>/<stem>.npz`.
+
+    Arrays (N frames): fps, width, height, landmarks [N,68,2], boxes [N,4], valid [N],
+    transform_<kind><size> [N,2,3] (frame->crop), crops_<kind><size> uint8 RGB [N,S,S,3] (zeros
+    where no face), mel [80,T] and has_audio when the file has a non-silent audio track.
+    """
+    out_dir = Path(out_dir)
+    face_path = media.check_input(face_path)
+    target = media.check_output(out_dir / f"{face_path.stem}.npz", [face_path], overwrite)
+    specs = list(specs) or default_crop_specs()
+    analysis = analyse(face_path, options, progress)
+    track = analysis.track
+    arrays: Dict[str, np.ndarray] = {
+        "version": np.array(CACHE_VERSION), "fps": np.array(analysis.fps),
+        "width": np.array(analysis.info.width), "height": np.array(analysis.info.height),
+        "landmarks": track.landmarks, "boxes": track.boxes, "valid": track.valid,
+        "faces_seen": np.array(track.faces_seen),
+    }
+    transforms = {crop_key(s): crop_transforms(track.landmarks, s) for s in specs}
+    crops = {k: np.zeros((len(track), s.size, s.size, 3), np.uint8) for k, s in zip(transforms, specs)}
+    frames = [analysis.image] if analysis.is_image else media.VideoReader(analysis.info)
+    step = _hook(progress, "crop faces", len(track))
+    for t, frame in enumerate(frames):
+        if t >= len(track):
+            break
+        if track.valid[t]:
+            for key, spec in zip(transforms, specs):
+                crops[key][t] = warp_crop(frame, transforms[key][t], spec.size)[..., ::-1]
+        step(1)
+    for key in transforms:
+        arrays[f"transform_{key}"] = transforms[key]
+        arrays[f"crops_{key}"] = crops[key]
+    has_audio = False
+    if analysis.info.has_audio:
+        try:
+            arrays["mel"] = audio.log_mel(audio.load_audio(face_path))
+            has_audio = True
+        except DubberError:
+            pass  # silent track: recorded as has_audio = False
+    arrays["has_audio"] = np.array(has_audio)
+    with media.atomic_output(target) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+    return target
+
+
+def load_cache(path: PathLike) -> Dict[str, np.ndarray]:
+    """Read a preprocess cache written by `preprocess`."""
+    path = media.check_input(path)
+    try:
+        with np.load(path) as data:
+            cache = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise DubberError(f"not a dubber preprocess cache ({type(exc).__name__})", path) from exc
+    if int(cache.get("version", -1)) != CACHE_VERSION:
+        raise DubberError("preprocess cache from another dubber version; run `dubber preprocess` again", path)
+    return cache
+
+
+def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, output: PathLike,
+                mode: str = "feather", audio_path: Optional[PathLike] = None, overwrite: bool = False,
+                colour_match: bool = True, progress: Optional[ProgressHook] = None) -> Summary:
+    """Paste generated crops (a video or image folder of S×S crops, one per source frame) back into `source`.
+
+    The crops must be cut as the cache's `transform_<kind><S>` describes (the kind is read from
+    the cache: the one whose size matches the crops). Audio comes from `audio_path` or the source.
+    """
+    started = time.perf_counter()
+    source = media.check_input(source)
+    output = media.check_output(output, [source, cache_path, crops_path], overwrite)
+    cache = load_cache(cache_path)
+    info = media.probe(source)
+    generated = _read_crops(Path(crops_path))
+    size = next(iter(generated)).shape[0] if isinstance(generated, list) else generated.size
+    keys = [k[len("transform_"):] for k in cache if k.startswith("transform_") and k.endswith(str(size))]
+    if not keys:
+        raise DubberError(f"cache has no {size}x{size} crop transform matching the crops", cache_path)
+    transforms = cache[f"transform_{keys[0]}"]
+    landmarks = cache["landmarks"]
+    audio_source = audio_path or (source if info.has_audio else None)
+    summary = Summary(output=Path(output), backbone="(blend)")
+    frames = [media.read_image(source)] * len(transforms) if info.is_image else media.VideoReader(info)
+    fps = float(cache["fps"])
+    duration = len(transforms) / fps
+    step = _hook(progress, "blend", len(transforms))
+    with media.atomic_output(output) as tmp:
+        with media.VideoWriter(tmp, fps, int(cache["width"]), int(cache["height"]), audio_source, duration) as writer:
+            for t, (frame, crop) in enumerate(zip(frames, generated)):
+                matrix = transforms[t]
+                if np.isnan(matrix[0, 0]):
+                    summary.passed_through += 1
+                else:
+                    original = warp_crop(frame, matrix, size)
+                    mask = border_mask(size) if mode == "alpha" else lower_face_mask(transform_points(landmarks[t], matrix), size)
+                    frame = paste_back(frame, original, crop, matrix, mask, mode, colour_match)
+                    summary.faces += 1
+                writer.write(frame)
+                step(1)
+            summary.frames = writer.frames_written
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class _CropVideo:
+    def __init__(self, info: media.MediaInfo):
+        self.info = info
+        self.size = info.width
+
+    def __iter__(self):
+        return iter(media.VideoReader(self.info))
+
+
+def _read_crops(path: Path):
+    """Generated crops from a folder of images (sorted by name) or a video of square frames."""
+    if path.is_dir():
+        files = media.list_media(path, "face")
+        if not files:
+            raise DubberError("folder holds no crop images", path)
+        return [media.read_image(f) for f in files]
+    info = media.probe(path)
+    if not info.has_video or info.width != info.height:
+        raise DubberError("crops must be square frames (a video or a folder of images)", path)
+    return _CropVideo(info)

@@ -45,6 +45,7 @@ class LipsyncOptions:
     face_index: int = 0
     face_box: Optional[Tuple[float, float, float, float]] = None
     batch_size: int = BATCH_SIZE
+    crf: int = media.VIDEO_CRF
     overwrite: bool = False
 
 
@@ -236,7 +237,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     step = _hook(progress, "lip sync", n_out)
     info = analysis.info
     with media.atomic_output(output) as tmp:
-        with media.VideoWriter(tmp, fps, info.width, info.height, audio_path, duration) as writer:
+        with media.VideoWriter(tmp, fps, info.width, info.height, audio_path, duration, options.crf) as writer:
             pending: List[Tuple[int, np.ndarray]] = []
 
             def flush():

@@ -1,0 +1,217 @@
+"""The `dubber` command: a thin Typer layer over dubber.pipeline, dubber.batch, dubber.train and dubber.eval.
+
+Logs and progress go to stderr, results to stdout. Expected failures print one line
+("error: <file>: <problem>") and exit with 1; nothing half-written is left behind.
+"""
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dubber.errors import DubberError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make a face (photo or video) speak a speech track, lips in sync.")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextmanager
+def _progress(quiet: bool):
+    """Yield a ProgressHook drawing rich bars on stderr (or doing nothing when quiet)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=_stderr_console(), transient=False) as bar:
+        tasks = {}
+
+        def hook(stage: str, advance: int, total: Optional[int]):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], advance=advance)
+
+        yield hook
+
+
+def _fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _parse_box(text: Optional[str]):
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+        assert len(values) == 4 and values[2] > values[0] and values[3] > values[1]
+        return values
+    except (ValueError, AssertionError):
+        _fail(f"--face-box must be x0,y0,x1,y1 in pixels, got {text!r}")
+
+
+@app.command()
+def lipsync(
+    face: Path = typer.Argument(..., help="Photo or video of the face; a folder of them; or a CSV manifest (face,audio,output)."),
+    audio: Optional[Path] = typer.Argument(None, help="Speech (any audio ffmpeg reads, or a video's audio); a folder for batches."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .mp4 (or folder for batches)."),
+    backbone: Optional[str] = typer.Option(None, help="Generator backbone (default: dck)."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use instead of the shipped weights."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    half: bool = typer.Option(False, help="fp16 inference (CUDA only)."),
+    fps: float = typer.Option(25.0, help="Frame rate for photo input."),
+    blend: str = typer.Option("auto", help="auto, feather, poisson or alpha."),
+    detector: str = typer.Option("hog", help="Face detector: hog or cnn."),
+    face_index: int = typer.Option(0, help="Which face to dub, 0 = largest."),
+    face_box: Optional[str] = typer.Option(None, help="Dub the face overlapping this box: x0,y0,x1,y1."),
+    batch_size: int = typer.Option(16, help="Frames per backbone call."),
+    crf: int = typer.Option(16, help="H.264 quality (lower is better, 0-51)."),
+    jobs: int = typer.Option(1, help="Parallel jobs for batches."),
+    overwrite: bool = typer.Option(False, help="Replace existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """Dub FACE with AUDIO: `dubber lipsync face.jpg speech.wav -o out.mp4`."""
+    from dubber.pipeline import LipsyncOptions
+
+    options = LipsyncOptions(backbone=backbone, weights=weights, device=device, half=half, fps=fps, blend=blend,
+                             detector=detector, face_index=face_index, face_box=_parse_box(face_box),
+                             batch_size=batch_size, crf=crf, overwrite=overwrite)
+    if face.is_dir() or face.suffix.lower() == ".csv":
+        _lipsync_batch(face, audio, output, options, jobs, quiet)
+        return
+    if audio is None:
+        _fail("AUDIO is required unless FACE is a folder or a CSV manifest")
+    from dubber.pipeline import lipsync as run
+
+    with _progress(quiet) as hook:
+        summary = run(face, audio, output, options, hook)
+    for note in summary.notes:
+        quiet or typer.echo(f"note: {note}", err=True)
+    quiet or typer.echo(f"{summary.frames} frames ({summary.faces} dubbed, {summary.passed_through} without a face) "
+                        f"in {summary.seconds:.1f} s, {summary.fps:.1f} fps, backbone {summary.backbone} on {summary.device}", err=True)
+    typer.echo(str(summary.output))
+
+
+def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, workers: int, quiet: bool):
+    from rich.table import Table
+
+    from dubber import batch
+
+    if face.suffix.lower() == ".csv":
+        jobs = batch.plan_from_manifest(face, output)
+    else:
+        if audio is None:
+            _fail("a folder of faces needs AUDIO: a folder (paired by name) or one audio file")
+        jobs = batch.plan_from_folders(face, audio, output)
+    output.mkdir(parents=True, exist_ok=True)
+    console = _stderr_console()
+    log = (lambda r: None) if quiet else (lambda r: console.print(f"[{r.status}] {r.job.face.name}: {r.message}"))
+    results = batch.run_batch(jobs, options, workers, log)
+    table = Table(title="dubber batch")
+    for column in ("face", "audio", "output", "status", "detail"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.job.face.name, r.job.audio.name, str(r.job.output), r.status, r.message)
+    from rich.console import Console
+
+    Console().print(table)
+    failed = sum(r.status == "failed" for r in results)
+    if failed:
+        _fail(f"{failed} of {len(results)} items failed")
+
+
+@app.command()
+def preprocess(
+    inputs: List[Path] = typer.Argument(..., help="Photos or videos (or folders of them)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Cache folder: one .npz per input."),
+    crop: List[str] = typer.Option([], help="Crops to store, kind:size (face:96, lips:64, box:128). Default: face:96 box:128."),
+    detector: str = typer.Option("hog", help="hog or cnn."),
+    face_index: int = typer.Option(0, help="Which face, 0 = largest."),
+    overwrite: bool = typer.Option(False, help="Replace existing cache files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Detect, align and crop faces; write boxes, 68 landmarks, transforms, crops and audio features."""
+    from dubber import media
+    from dubber.backbones import CropSpec
+    from dubber.pipeline import LipsyncOptions, preprocess as run
+
+    specs = []
+    for text in crop:
+        kind, _, size = text.partition(":")
+        if kind not in ("face", "lips", "box") or not size.isdigit():
+            _fail(f"--crop must be face|lips|box:SIZE, got {text!r}")
+        specs.append(CropSpec(kind, int(size)))
+    files = [f for path in inputs for f in (media.list_media(path, "face") if path.is_dir() else [path])]
+    options = LipsyncOptions(detector=detector, face_index=face_index)
+    failed = 0
+    for path in files:
+        try:
+            with _progress(quiet) as hook:
+                written = run(path, output, specs, options, hook, overwrite)
+            typer.echo(str(written))
+        except DubberError as exc:
+            failed += 1
+            typer.echo(f"error: {exc}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def blend(
+    source: Path = typer.Argument(..., help="The original photo or video."),
+    cache: Path = typer.Argument(..., help="Its preprocess cache (.npz)."),
+    crops: Path = typer.Argument(..., help="Generated crops: a video or a folder of images, one per frame."),
+    output: Path = typer.Option(..., "-o", "--output"),
+    mode: str = typer.Option("feather", help="feather, poisson or alpha."),
+    audio: Optional[Path] = typer.Option(None, help="Audio for the output (default: the source's)."),
+    overwrite: bool = typer.Option(False),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Paste generated face crops back into the source frames."""
+    from dubber.pipeline import blend_video
+
+    with _progress(quiet) as hook:
+        summary = blend_video(source, cache, crops, output, mode, audio, overwrite, progress=hook)
+    typer.echo(str(summary.output))
+
+
+@app.command()
+def backbones():
+    """List backbones and whether trained weights are present."""
+    from dubber.backbones import PLANNED, available, weights_path
+
+    registry = available()
+    for name in sorted(set(PLANNED) | set(registry)):
+        state = "not implemented" if name not in registry else ("weights: " + str(weights_path(name)) if weights_path(name).is_file() else "no trained weights")
+        typer.echo(f"{name:8s} {state}")
+
+
+def main():
+    """Console entry point: one-line errors instead of tracebacks for expected failures."""
+    try:
+        app()
+    except DubberError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("DUBBER_DEBUG"):
+            raise
+        typer.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with DUBBER_DEBUG=1 for details", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

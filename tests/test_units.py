@@ -1,0 +1,143 @@
+"""Fast unit tests of the core pieces: audio windows, schedule, alignment, paste-back, checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+
+from dubber import audio
+from dubber.backbones import CROP_BOX, CROP_FACE, CROP_LIPS, CropSpec
+from dubber.blend import border_mask, lower_face_mask, match_colour, paste_back
+from dubber.checkpoint import load_model, load_package, save_model
+from dubber.errors import DubberError
+from dubber.face.align import TEMPLATE, crop_transforms, inverse_affine, stable_points, transform_points, warp_crop
+from dubber.pipeline import pingpong
+
+
+def synthetic_landmarks(n=30, centre=(200.0, 150.0), scale=1.0, angle=0.0, jitter=0.0, seed=0):
+    """68 points laid out like a face: eyes, nose tip and a jaw/mouth around them, [n, 68, 2]."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(-60, 60, (68, 2)).astype(np.float32)
+    base[36:42] = [-30, -20] + rng.normal(0, 2, (6, 2))
+    base[42:48] = [30, -20] + rng.normal(0, 2, (6, 2))
+    base[30] = [0, 15]
+    base[36:42] -= base[36:42].mean(0) - [-30, -20]
+    base[42:48] -= base[42:48].mean(0) - [30, -20]
+    c, s = np.cos(angle), np.sin(angle)
+    rotated = base @ np.array([[c, s], [-s, c]], np.float32) * scale + np.array(centre, np.float32)
+    return np.repeat(rotated[None], n, 0) + rng.normal(0, jitter, (n, 68, 2)).astype(np.float32)
+
+
+def test_mel_windows_follow_timestamps():
+    mel = np.tile(np.arange(400, dtype=np.float32), (audio.N_MELS, 1))  # column index as value
+    times = np.array([0.0, 1.0, 2.5, 1 / 29.97 * 100])
+    windows = audio.mel_windows(mel, times, 16)
+    assert windows.shape == (4, audio.N_MELS, 16)
+    for w, t in zip(windows, times):
+        assert w[0, 8] == round(t * audio.MEL_FPS)  # window centred on the frame time
+    edge = audio.mel_windows(mel, np.array([0.0]), 16)[0, 0]
+    assert (edge[:8] == -4).all() and edge[8] == 0  # silence padding before the start
+
+
+def test_log_mel_shape_and_range():
+    t = np.arange(audio.SAMPLE_RATE) / audio.SAMPLE_RATE
+    mel = audio.log_mel((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    assert mel.shape[0] == audio.N_MELS and abs(mel.shape[1] - audio.MEL_FPS) <= 1
+    assert mel.min() >= -4 and mel.max() <= 4 and mel.max() > 0
+
+
+def test_envelope_rises_with_loudness():
+    wav = np.zeros(audio.SAMPLE_RATE, np.float32)
+    wav[8000:] = 0.5
+    env = audio.envelope(wav, np.array([0.1, 0.9]))
+    assert env[0] == 0 and env[1] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_pingpong_schedule():
+    assert pingpong(10, 4).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert pingpong(3, 5).tolist() == [0, 1, 2]
+    assert pingpong(4, 1).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("kind", [CROP_FACE, CROP_LIPS, CROP_BOX])
+def test_crop_transform_maps_stable_points_to_template(kind):
+    spec = CropSpec(kind, 128)
+    landmarks = synthetic_landmarks(angle=0.3 if kind != CROP_BOX else 0.0, scale=1.4)
+    matrix = crop_transforms(landmarks, spec)[5]
+    mapped = transform_points(stable_points(landmarks[5]), matrix)
+    if kind == CROP_FACE:
+        assert np.allclose(mapped, TEMPLATE * 128, atol=1.5)
+    assert np.allclose(inverse_affine(inverse_affine(matrix)), matrix, atol=1e-4)
+
+
+def test_box_crop_is_unrotated():
+    matrix = crop_transforms(synthetic_landmarks(angle=0.4), CropSpec(CROP_BOX, 64))[0]
+    assert abs(matrix[0, 1]) < 1e-6 and abs(matrix[1, 0]) < 1e-6
+
+
+def test_smoothing_reduces_jitter_and_keeps_gaps():
+    landmarks = synthetic_landmarks(n=40, jitter=2.0)
+    landmarks[20] = np.nan
+    spec = CropSpec(CROP_FACE, 96)
+    raw = crop_transforms(landmarks, spec, smooth=False)
+    smooth = crop_transforms(landmarks, spec)
+    assert np.isnan(smooth[20]).all()
+    steps = lambda m: np.nanmean(np.abs(np.diff(m[:, :, 2], axis=0)))
+    assert steps(smooth) < 0.6 * steps(raw)
+
+
+def test_paste_back_identity_is_exact_and_change_stays_in_mask():
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    landmarks = synthetic_landmarks(n=1, centre=(160, 120), angle=0.2)[0]
+    spec = CropSpec(CROP_FACE, 96)
+    matrix = crop_transforms(landmarks[None], spec)[0]
+    crop = warp_crop(frame, matrix, spec.size)
+    mask = lower_face_mask(transform_points(landmarks, matrix), spec.size)
+    assert np.array_equal(paste_back(frame, crop, crop, matrix, mask), frame)
+    changed = crop.copy()
+    changed[:] = 255
+    out = paste_back(frame, crop, changed, matrix, mask, colour_match=False)
+    diff = np.abs(out.astype(int) - frame).sum(-1) > 0
+    assert diff.any()
+    footprint = cv2_warp_mask(mask, matrix, frame.shape)
+    assert not diff[footprint == 0].any()  # nothing outside the mask's footprint moved
+
+
+def cv2_warp_mask(mask, matrix, shape):
+    import cv2
+
+    return cv2.warpAffine(mask, inverse_affine(matrix), (shape[1], shape[0]))
+
+
+def test_border_mask_and_colour_match():
+    mask = border_mask(50)
+    assert mask[25, 25] == 1 and mask[0, 25] == 0
+    src = np.full((8, 8, 3), 100, np.float32) + np.arange(8)[:, None, None]
+    gen = src * 0.9 + 30
+    matched = match_colour(gen, src, np.ones((8, 8), np.float32))
+    assert np.allclose(matched.mean((0, 1)), src.mean((0, 1)), atol=1e-3)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, width=3):
+        super().__init__()
+        self.init_kwargs = {"width": width}
+        self.layer = torch.nn.Linear(width, 2)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = Tiny(5)
+    path = tmp_path / "m.pt"
+    save_model(model, path, meta={"steps": 7}, half=True)
+    package = load_package(path)
+    assert package["class"] == "Tiny" and package["kwargs"] == {"width": 5}
+    loaded = load_model(path, {"Tiny": Tiny})
+    assert loaded.meta["steps"] == 7
+    assert torch.allclose(loaded.layer.weight, model.layer.weight, atol=1e-2)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DubberError, match="bad.pt"):
+        load_package(bad)

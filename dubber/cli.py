@@ -186,6 +186,30 @@ def blend(
 
 
 @app.command()
+def train(
+    backbone: str = typer.Option("dck", help="What to train: dck (a backbone) or syncnet (the lip-sync expert)."),
+    data: Path = typer.Option(Path("../shared/data"), help="Corpus root (grid/, wild/, manifest_wild.csv)."),
+    cache: Path = typer.Option(Path("cache"), help="Preprocess cache folder (outside version control)."),
+    out: Optional[Path] = typer.Option(None, help="Model file to write (default: weights/<name>.pt)."),
+    steps: int = typer.Option(20000, help="Total optimiser steps (a resumed run continues to this count)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the trainer's)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    grid_every: int = typer.Option(3, help="Use every n-th GRID training sentence."),
+    sync_expert: Optional[Path] = typer.Option(None, help="A trained syncnet file to add a lip-sync loss (dck)."),
+    resume: bool = typer.Option(True, help="Continue from the training checkpoint beside OUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Train a backbone or the sync expert from scratch on the corpus; checkpoints and resumes."""
+    from dubber.backbones import weights_path
+    from dubber.train import train_from_corpus
+
+    log = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
+    written = train_from_corpus(backbone, data, cache, out or weights_path(backbone), steps, batch_size, device,
+                                grid_every, resume, sync_expert, log)
+    typer.echo(str(written))
+
+
+@app.command()
 def backbones():
     """List backbones and whether trained weights are present."""
     from dubber.backbones import PLANNED, available, weights_path

@@ -7,7 +7,8 @@ import torch
 from dubber.backbones import CROP_BOX, CropSpec, load_backbone
 from dubber.backbones.dck import DCK
 from dubber.checkpoint import save_model
-from dubber.train.dck import MIN_FRAME_GAP, ClipSampler, train_dck
+from dubber.errors import DubberError
+from dubber.train.dck import MIN_CLIP_FRAMES, MIN_FRAME_GAP, ClipSampler, train_dck
 
 torch.set_num_threads(1)
 
@@ -149,6 +150,11 @@ def test_sampler_picks_identities_uniformly_and_distant_frames():
     for key in ("references", "donors"):
         assert np.array_equal(clip_of[key], clip_of["targets"])
         assert np.all(np.abs(frame_of[key] - frame_of["targets"]) >= MIN_FRAME_GAP)
+    # Clips too short to hold a distant reference are left out, not trained to copy.
+    short = synthetic_clip("short", MIN_CLIP_FRAMES - 1, 32, 10)
+    assert ClipSampler(clips + [short], 32).describe()["skipped_short_clips"] == 1
+    with pytest.raises(DubberError):
+        ClipSampler([short], 32)
     # Windows for the sync expert: runs of 5 consecutive frames of one clip.
     windows = ClipSampler(clips, 32, window=5).batch(12, np.random.default_rng(0))
     frames = windows["targets"][:, -1, -1, 1].astype(int).reshape(2, 5)
@@ -159,21 +165,21 @@ def test_training_learns_resumes_and_ships(tmp_path):
     clips = [synthetic_clip("a", 30, 64, 0), synthetic_clip("b", 30, 64, 1)]
     out = tmp_path / "dck.pt"
     messages = []
-    kwargs = dict(batch_size=4, size=64, adv_start=8, log_every=1, checkpoint_every=6, log=messages.append)
+    kwargs = dict(batch_size=4, size=64, adv_start=14, log_every=1, checkpoint_every=10, log=messages.append)
 
-    history = train_dck(clips, out, steps=14, **kwargs)
+    history = train_dck(clips, out, steps=20, **kwargs)
     l1 = [entry["l1"] for entry in history]
-    assert np.mean(l1[-4:]) < 0.8 * np.mean(l1[:4])
+    assert np.mean(l1[-4:]) < 0.8 * np.mean(l1[:4])  # 0.65 on the reference machine
     assert "g_adv" in history[-1] and "d" in history[-1] and "g_adv" not in history[0]
     checkpoint = tmp_path / "dck.train.pt"
-    assert torch.load(checkpoint, weights_only=True)["step"] == 14
+    assert torch.load(checkpoint, weights_only=True)["step"] == 20
 
-    resumed = train_dck(clips, out, steps=16, **kwargs)
-    assert any("resumed" in message and "step 14" in message for message in messages)
-    assert [entry["step"] for entry in resumed] == [15, 16]
+    resumed = train_dck(clips, out, steps=22, **kwargs)
+    assert any("resumed" in message and "step 20" in message for message in messages)
+    assert [entry["step"] for entry in resumed] == [21, 22]
 
     package = torch.load(out, map_location="cpu", weights_only=True)
-    assert package["meta"]["steps"] == 16 and package["meta"]["resolution"] == 64
+    assert package["meta"]["steps"] == 22 and package["meta"]["resolution"] == 64
     assert package["meta"]["data"]["identities"] == 2
     assert all(v.dtype == torch.float16 for v in package["state"].values() if v.is_floating_point())
 
@@ -206,3 +212,17 @@ def test_sync_expert_hook(tmp_path):
     assert seen[0] == ((2, 5, 3, 16, 32), (2, 1, 80, 16), True)
     assert all(np.isfinite(entry["sync"]) for entry in history)
     assert expert.scale.item() == 1.0 and not expert.scale.requires_grad  # frozen
+
+
+def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
+    """Optimiser state, discriminator and the per-step sampling stream all survive a restart."""
+    clips = [synthetic_clip("a", 12, 32, 0)]
+    kwargs = dict(batch_size=4, size=32, adv_start=3, log_every=100, log=lambda message: None)
+    train_dck(clips, tmp_path / "straight" / "dck.pt", steps=6, **kwargs)
+    train_dck(clips, tmp_path / "restarted" / "dck.pt", steps=4, **kwargs)
+    train_dck(clips, tmp_path / "restarted" / "dck.pt", steps=6, **kwargs)
+    straight, restarted = (torch.load(tmp_path / run / "dck.train.pt", weights_only=True)
+                           for run in ("straight", "restarted"))
+    for part in ("model", "disc"):
+        for key, value in straight[part].items():
+            assert torch.equal(value, restarted[part][key]), f"{part}.{key}"

@@ -45,6 +45,9 @@ MOUTH_WEIGHT = 3.0  # L1 weight of the lower half of the crop relative to the up
 SYNC_WEIGHT = 0.3  # Wav2Lip's 0.03 : 0.97 sync-to-L1 ratio, times our LAMBDA_REC
 SYNC_WINDOW = 5  # consecutive frames the lip-sync expert judges (0.2 s at 25 fps)
 MIN_FRAME_GAP = 5  # frames between the target and its reference / mouth donor (different mouths)
+# Shorter clips are skipped: a reference or donor next to (or equal to) the target shows the
+# answer's mouth, and the model would learn to copy instead of listening.
+MIN_CLIP_FRAMES = 2 * MIN_FRAME_GAP
 FLIP_PROBABILITY = 0.5
 COLOUR_JITTER = 0.08  # brightness shift, contrast and saturation factors within +-8 %
 CHECKPOINT_EVERY = 500  # steps
@@ -64,7 +67,8 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
     """Train DCK for `steps` optimiser steps in total and write the fp16 model to `out_path`.
 
     clips: dicts with "faces" uint8 [T, size, size, 3] RGB box crops, "mels" float32 [T, 80, 16]
-    (dubber.audio.mel_windows, one window per frame), "identity" str and "name" str.
+    (dubber.audio.mel_windows, one window per frame), "identity" str and "name" str. Clips shorter
+    than MIN_CLIP_FRAMES are skipped (counted in the shipped meta).
     Training state goes to `checkpoint_path` (default: <out_path stem>.train.pt beside it) every
     `checkpoint_every` steps and at the end; with `resume` an existing one is continued, so calling
     again with a larger `steps` trains further.
@@ -80,9 +84,10 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
         raise DubberError(f"batch size must be at least {SYNC_WINDOW} with a sync expert")
     device = torch.device(device)
 
-    torch.manual_seed(seed)
-    model = DCK(size=size).to(device)
-    disc = PatchDiscriminator().to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = DCK(size=size).to(device)
+        disc = PatchDiscriminator().to(device)
     opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS)
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=ADAM_BETAS)
     step = 0
@@ -152,8 +157,7 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
         "lr": lr,
         "resolution": size,
         "losses": {k: v for k, v in history[-1].items() if k != "step"} if history else {},
-        "hardware": f"{platform.machine()} {platform.processor() or ''}".strip()
-                    + f", {device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "hardware": _hardware(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     save_model(model.cpu(), out_path, meta=meta, half=True)
@@ -177,10 +181,11 @@ class ClipSampler:
             if mels.ndim != 3 or mels.shape[0] != faces.shape[0] or mels.shape[1] != 80:
                 raise DubberError(f"clip {name!r}: mels must be [T, 80, W] with T = {faces.shape[0]}, "
                                   f"got {tuple(mels.shape)}")
-            if faces.shape[0] >= window:
+            if faces.shape[0] >= max(window, MIN_CLIP_FRAMES):
                 by_identity[str(clip["identity"])].append(clip)
+        self.skipped = len(clips) - sum(len(group) for group in by_identity.values())
         if not by_identity:
-            raise DubberError(f"no training clip with at least {window} frames")
+            raise DubberError(f"no training clip with at least {max(window, MIN_CLIP_FRAMES)} frames")
         self.identities = sorted(by_identity)
         self.by_identity = by_identity
         self.clips = [clip for identity in self.identities for clip in by_identity[identity]]
@@ -190,6 +195,7 @@ class ClipSampler:
             "clips": len(self.clips),
             "identities": len(self.identities),
             "frames": int(sum(clip["faces"].shape[0] for clip in self.clips)),
+            "skipped_short_clips": self.skipped,
             "names": [str(clip.get("name", "?")) for clip in self.clips[:100]],
         }
 
@@ -213,12 +219,8 @@ class ClipSampler:
 
 
 def _distant_frame(length: int, t: int, rng: np.random.Generator) -> int:
-    """A random frame index at least MIN_FRAME_GAP from t; any other frame in a short clip; t for a photo."""
+    """A random frame index at least MIN_FRAME_GAP from t (length >= MIN_CLIP_FRAMES guarantees one)."""
     candidates = np.flatnonzero(np.abs(np.arange(length) - t) >= MIN_FRAME_GAP)
-    if candidates.size == 0:
-        candidates = np.flatnonzero(np.arange(length) != t)
-    if candidates.size == 0:
-        return t
     return int(candidates[rng.integers(candidates.size)])
 
 
@@ -259,6 +261,19 @@ def _mouth_weights(size: int, device: torch.device) -> torch.Tensor:
     rows = torch.ones(size, device=device)
     rows[size // 2:] = MOUTH_WEIGHT
     return (rows / rows.mean()).view(1, 1, size, 1)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return f"{name}, {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def _sync_loss(sync_expert: torch.nn.Module, generated: torch.Tensor, mels: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dubber.backbones import CROP_BOX, CropSpec, load_backbone
 from dubber.backbones.dck import DCK
 from dubber.checkpoint import save_model
 from dubber.errors import DubberError
-from dubber.train.dck import MIN_CLIP_FRAMES, MIN_FRAME_GAP, ClipSampler, train_dck
+from dubber.train.dck import MIN_CLIP_FRAMES, MIN_FRAME_GAP, ClipSampler, _sync_loss, train_dck
 
 torch.set_num_threads(1)
 
@@ -192,26 +192,48 @@ def test_training_learns_resumes_and_ships(tmp_path):
         torch.testing.assert_close(shipped(*inputs).images, trained.eval()(*inputs).images, atol=1e-2, rtol=0)
 
 
-def test_sync_expert_hook(tmp_path):
-    seen = []
+class FakeSyncExpert(torch.nn.Module):
+    """Differentiable stand-in for the lip-sync expert that records what it is given.
 
-    class FakeSyncExpert(torch.nn.Module):
-        """P(sync) from mouth brightness and mel energy: differentiable, shape-checking."""
+    Returns P(sync) [N], or with `embeddings` a (face, audio) embedding pair as SyncNet does."""
 
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.tensor(1.0))
+    def __init__(self, embeddings: bool):
+        super().__init__()
+        self.embeddings = embeddings
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.seen = []
 
-        def forward(self, mouths, mels):
-            seen.append((tuple(mouths.shape), tuple(mels.shape), mouths.requires_grad))
-            return torch.sigmoid(self.scale * (mouths.mean(dim=(1, 2, 3, 4)) - mels.mean(dim=(1, 2, 3)) / 8))
+    def forward(self, mouth_windows, mels):
+        self.seen.append((tuple(mouth_windows.shape), tuple(mels.shape), mouth_windows.requires_grad))
+        face = self.scale * mouth_windows.mean(dim=(2, 3))  # [N, 15]
+        if self.embeddings:
+            return torch.relu(face), torch.relu(mels.mean(dim=(1, 3))[:, :15] + 4)
+        return torch.sigmoid(face.mean(dim=1) - mels.mean(dim=(1, 2, 3)) / 8)
 
-    expert = FakeSyncExpert()
+
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_sync_expert_hook(tmp_path, embeddings):
+    expert = FakeSyncExpert(embeddings)
     history = train_dck([synthetic_clip("a", 12, 32, 0)], tmp_path / "dck.pt", steps=2, batch_size=10, size=32,
                         adv_start=0, log_every=1, log=lambda message: None, sync_expert=expert)
-    assert seen[0] == ((2, 5, 3, 16, 32), (2, 1, 80, 16), True)
-    assert all(np.isfinite(entry["sync"]) for entry in history)
+    # Two windows of 5 frames, lower halves at the expert's 48x96, still attached to the generator.
+    assert expert.seen[0] == ((2, 15, 48, 96), (2, 1, 80, 16), True)
+    assert all(np.isfinite(entry["sync"]) and entry["sync"] > 0 for entry in history)
     assert expert.scale.item() == 1.0 and not expert.scale.requires_grad  # frozen
+
+
+def test_sync_windows_stack_frames_in_order():
+    """The expert gets frame 0 RGB, frame 1 RGB, ... of each window, and the middle frame's mel."""
+    generated = torch.rand(10, 3, 64, 64)
+    mels = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 1, 80, 16)
+    expert = FakeSyncExpert(embeddings=False)
+    captured = {}
+    expert.register_forward_hook(lambda module, args, out: captured.update(windows=args[0], mels=args[1]))
+    _sync_loss(expert, generated, mels)
+    mouths = torch.nn.functional.interpolate(generated[:, :, 32:], size=(48, 96), mode="bilinear",
+                                             align_corners=False, antialias=True)
+    torch.testing.assert_close(captured["windows"][1, 6:9], mouths[7])  # window 1, frame 2 = row 7
+    assert captured["mels"][:, 0, 0, 0].tolist() == [2.0, 7.0]
 
 
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path):

@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dubber.backbones.dck import SIZE, DCK, PatchDiscriminator
 from dubber.checkpoint import save_atomic, save_model
@@ -44,6 +45,7 @@ ADV_START = 2000  # steps; before this the GAN would judge blurry faces and only
 MOUTH_WEIGHT = 3.0  # L1 weight of the lower half of the crop relative to the upper half
 SYNC_WEIGHT = 0.3  # Wav2Lip's 0.03 : 0.97 sync-to-L1 ratio, times our LAMBDA_REC
 SYNC_WINDOW = 5  # consecutive frames the lip-sync expert judges (0.2 s at 25 fps)
+SYNC_MOUTH_SIZE = (48, 96)  # (H, W) of the expert's mouth crop: lower half of a 96x96 face (dubber.eval.syncnet)
 MIN_FRAME_GAP = 5  # frames between the target and its reference / mouth donor (different mouths)
 # Shorter clips are skipped: a reference or donor next to (or equal to) the target shows the
 # answer's mouth, and the model would learn to copy instead of listening.
@@ -72,9 +74,12 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
     Training state goes to `checkpoint_path` (default: <out_path stem>.train.pt beside it) every
     `checkpoint_every` steps and at the end; with `resume` an existing one is continued, so calling
     again with a larger `steps` trains further.
-    sync_expert (optional, frozen): mouths [N, 5, 3, size/2, size] in [0, 1] (lower halves of 5
-    consecutive generated frames) and mels [N, 1, 80, 16] (window of the middle frame) ->
-    P(in sync) [N]. With it, batches are made of windows of 5 consecutive frames.
+    sync_expert (optional, kept frozen): called as expert(mouth_windows [N, 15, 48, 96] in [0, 1],
+    mels [N, 1, 80, 16]) where a mouth window is the lower halves of 5 consecutive generated frames
+    resized to 48x96 and stacked frame-major (frame 0 RGB, frame 1 RGB, ...) and the mel window is
+    the middle frame's; it returns P(in sync) [N], or (face_emb, audio_emb) [N, D] whose cosine
+    similarity is taken as P, as dubber.eval.syncnet.SyncNet does. With it, batches are made of
+    windows of 5 consecutive frames.
     Returns the logged history: one dict of mean losses per `log_every` steps.
     """
     out_path = Path(out_path)
@@ -280,10 +285,14 @@ def _sync_loss(sync_expert: torch.nn.Module, generated: torch.Tensor, mels: torc
     """-log P(in sync) of windows of SYNC_WINDOW consecutive generated frames, averaged."""
     count, _, size, _ = generated.shape
     windows = count // SYNC_WINDOW
-    mouths = generated[:, :, size // 2:].reshape(windows, SYNC_WINDOW, 3, size - size // 2, size)
+    mouths = F.interpolate(generated[:, :, size // 2:], size=SYNC_MOUTH_SIZE, mode="bilinear",
+                           align_corners=False, antialias=True)
+    mouth_windows = mouths.reshape(windows, SYNC_WINDOW * 3, *SYNC_MOUTH_SIZE)  # rows are frame-major
     centre_mels = mels.view(windows, SYNC_WINDOW, *mels.shape[1:])[:, SYNC_WINDOW // 2]
-    probability = sync_expert(mouths, centre_mels).reshape(windows)
-    return -torch.log(probability.clamp(min=1e-6)).mean()
+    out = sync_expert(mouth_windows, centre_mels)
+    if isinstance(out, (tuple, list)):
+        out = F.cosine_similarity(out[0], out[1], dim=1)
+    return -torch.log(out.reshape(windows).clamp(1e-6, 1.0)).mean()
 
 
 def _save_checkpoint(path: Path, model: DCK, disc: PatchDiscriminator, opt_g, opt_d, step: int) -> None:

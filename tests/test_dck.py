@@ -174,13 +174,13 @@ def test_training_learns_resumes_and_ships(tmp_path):
     checkpoint = tmp_path / "dck.train.pt"
     assert torch.load(checkpoint, weights_only=True)["step"] == 20
 
-    resumed = train_dck(clips, out, steps=22, **kwargs)
+    resumed = train_dck(clips, out, steps=22, data_meta={"data": "two synthetic faces"}, **kwargs)
     assert any("resumed" in message and "step 20" in message for message in messages)
     assert [entry["step"] for entry in resumed] == [21, 22]
 
     package = torch.load(out, map_location="cpu", weights_only=True)
     assert package["meta"]["steps"] == 22 and package["meta"]["resolution"] == 64
-    assert package["meta"]["data"]["identities"] == 2
+    assert package["meta"]["data"] == "two synthetic faces" and package["meta"]["data_stats"]["identities"] == 2
     assert all(v.dtype == torch.float16 for v in package["state"].values() if v.is_floating_point())
 
     # The shipped fp16 model behaves like the fp32 training state.

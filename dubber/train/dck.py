@@ -65,7 +65,8 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
               adv_weight: float = ADV_WEIGHT, adv_start: int = ADV_START, log: Callable[[str], None] = print,
               log_every: int = LOG_EVERY, checkpoint_every: int = CHECKPOINT_EVERY, resume: bool = True,
               checkpoint_path: Optional[Union[str, Path]] = None, sync_expert: Optional[torch.nn.Module] = None,
-              sync_weight: float = SYNC_WEIGHT, seed: int = SEED) -> List[Dict[str, float]]:
+              sync_weight: float = SYNC_WEIGHT, seed: int = SEED,
+              data_meta: Optional[Dict[str, object]] = None) -> List[Dict[str, float]]:
     """Train DCK for `steps` optimiser steps in total and write the fp16 model to `out_path`.
 
     clips: dicts with "faces" uint8 [T, size, size, 3] RGB box crops, "mels" float32 [T, 80, 16]
@@ -80,6 +81,8 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
     the middle frame's; it returns P(in sync) [N], or (face_emb, audio_emb) [N, D] whose cosine
     similarity is taken as P, as dubber.eval.syncnet.SyncNet does. With it, batches are made of
     windows of 5 consecutive frames.
+    data_meta: entries for the shipped file's meta, e.g. {"data": "<what corpus, which split>"};
+    the clip statistics are recorded under "data_stats" either way.
     Returns the logged history: one dict of mean losses per `log_every` steps.
     """
     out_path = Path(out_path)
@@ -153,10 +156,12 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
         if step % checkpoint_every == 0 or step == steps:
             _save_checkpoint(checkpoint_path, model, disc, opt_g, opt_d, step)
 
+    stats = sampler.describe()
     meta = {
         "backbone": "dck",
         "recipe": "self-supervised on real clips (dubber.train.dck)",
-        "data": sampler.describe(),
+        "data": f"{stats['clips']} clips, {stats['identities']} identities, {stats['frames']} frames",
+        "data_stats": stats,
         "steps": step,
         "batch_size": batch_size,
         "lr": lr,
@@ -164,6 +169,7 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
         "losses": {k: v for k, v in history[-1].items() if k != "step"} if history else {},
         "hardware": _hardware(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **(data_meta or {}),
     }
     save_model(model.cpu(), out_path, meta=meta, half=True)
     log(f"wrote {out_path}")

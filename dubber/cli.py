@@ -209,6 +209,44 @@ def train(
     typer.echo(str(written))
 
 
+@app.command(name="eval")
+def evaluate(
+    dataset: str = typer.Option(..., help="grid, lrw or folder."),
+    root: Path = typer.Option(..., help="Dataset root (grid: <root>/<speaker>/<utt>.mpg|mp4)."),
+    backbone: List[str] = typer.Option([], help="Backbones to score (repeatable); baselines are always scored."),
+    split: Optional[Path] = typer.Option(None, help="List of clips (one path per line) or a CSV with file,split (val rows)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many clips."),
+    mode: str = typer.Option("video", help="video (generate from the clip's frames) or photo (from its first frame)."),
+    dub: bool = typer.Option(False, help="Also drive each clip with the next clip's speech."),
+    out: Path = typer.Option(Path("eval-out"), help="Folder for clips.csv, summary.json and sheets/."),
+    sync_expert: Optional[Path] = typer.Option(None, help="SyncNet weights (default: weights/syncnet.pt)."),
+    no_sync_expert: bool = typer.Option(False, help="Skip LSE-D/LSE-C (model-free sync only)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Score backbones against ground truth, static-frame and shifted-audio baselines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dubber.eval import run
+
+    clips = run.list_clips(dataset, root, split, limit)
+    expert = None if no_sync_expert else run.load_sync_expert(sync_expert)
+    log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    with _progress(quiet) as hook:
+        step = (lambda k: hook("evaluate", 1, len(clips))) if hook else None
+        summary = run.evaluate(clips, out, backbone, mode, expert, device, dub, log=log, on_clip=step)
+    table = Table(title=f"dubber eval: {dataset}, {len(clips)} clips, {mode} mode")
+    shown = [c for c in run.COLUMNS if any(c in s for s in summary.values())]
+    table.add_column("system")
+    for column in shown:
+        table.add_column(column, justify="right")
+    for system, values in summary.items():
+        table.add_row(system, *[f"{values[c]:.3f}" if c in values else "" for c in shown])
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    typer.echo(str(out))
+
+
 @app.command()
 def backbones():
     """List backbones and whether trained weights are present."""

@@ -53,5 +53,5 @@ def train_from_corpus(model: str, data_root: Path, cache_dir: Path, out_path: Pa
 
         expert = load_sync_expert(sync_expert)
     train_dck(clips, out_path, steps, batch_size or 16, device=device_name, resume=resume, log=log,
-              sync_expert=expert)
+              sync_expert=expert, data_meta=meta)
     return Path(out_path)

@@ -1,0 +1,375 @@
+"""`dubber eval`: the seed papers' reconstruction protocol, on the same pipeline core as `lipsync`.
+
+For every clip the real video is the target. Each system produces a video of the clip's length:
+
+  ground_truth   the real video (the ceiling);
+  static_frame   the first frame repeated (a model that does not beat it is not lip syncing);
+  shifted_audio  the real video judged against its audio delayed by SHIFT_SECONDS (sync must drop);
+  <backbone>     `pipeline.lipsync` driven by the clip's own audio, from the clip's own frames
+                 (video mode) or from its first frame as a photo (photo mode);
+  <backbone>:dub (with dub=True) the clip driven by the next clip's speech: its sync is measured
+                 against the new speech and, for contrast, against the clip's original speech.
+
+Every system's frames are aligned with the same RSA alignment as the pipeline (landmarks found
+in the system's own frames, at the real face's box) and compared frame by frame with the real
+ones. Metrics are defined in dubber.eval.metrics and dubber.eval.syncnet.
+"""
+
+import csv
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from dubber import audio, media
+from dubber.backbones import CROP_FACE, CropSpec
+from dubber.errors import DubberError
+from dubber.eval import metrics
+from dubber.face.align import crop_transforms, transform_points, warp_crop
+from dubber.face.landmarks import predict_landmarks
+from dubber.face.track import track_faces
+
+METRIC_CROP = CropSpec(CROP_FACE, 128)  # PSNR / SSIM / CPBD / LMD are measured on these aligned crops
+SYNC_CROP = CropSpec(CROP_FACE, 96)  # the sync expert sees the lower half of these
+SHIFT_SECONDS = 0.5
+SHEET_FRAMES = 6  # frames per row of a contact sheet
+GRID_VAL = 100  # GRID validation: the last 100 sentences of each speaker
+DATASETS = ("grid", "lrw", "folder")
+BASELINES = ("ground_truth", "static_frame", "shifted_audio")
+COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "sync_offset", "offset_accuracy",
+           "av_corr", "av_best_corr", "av_best_lag", "lse_c_original", "av_corr_original",
+           "fps_model", "fps_end_to_end")
+
+
+@dataclass
+class Clip:
+    path: Path
+    name: str
+
+
+def list_clips(dataset: str, root: Path, split: Optional[Path] = None, limit: Optional[int] = None) -> List[Clip]:
+    """Clips of a dataset layout (see module docstring of the CLI); `split` is a list file or a CSV with file,split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DubberError("dataset root not found", root)
+    if split is not None:
+        files = _split_files(Path(split), root)
+    elif dataset == "grid":
+        files = []
+        for speaker in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "alignments"):
+            utts = sorted(p for p in speaker.iterdir() if p.suffix.lower() in (".mpg", ".mp4"))
+            files += utts[-GRID_VAL:]
+    elif dataset == "lrw":
+        files = sorted(root.glob("*/test/*.mp4"))
+    elif dataset == "folder":
+        files = [p for p in media.list_media(root, "face") if p.suffix.lower() not in media.IMAGE_EXTENSIONS]
+    else:
+        raise DubberError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if limit:
+        files = files[:limit]
+    if not files:
+        raise DubberError(f"no {dataset} clips found", root)
+    return [Clip(p, f"{p.parent.name}_{p.stem}") for p in files]
+
+
+def _split_files(split: Path, root: Path) -> List[Path]:
+    if split.suffix.lower() == ".csv":
+        with open(split, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or "file" not in rows[0]:
+            raise DubberError("split CSV needs a 'file' column (and optionally 'split')", split)
+        files = [split.parent / r["file"] for r in rows
+                 if r.get("split", "val") == "val" and r.get("audio", "yes") == "yes" and r.get("audio_silent", "no") != "yes"]
+    else:
+        files = [root / line.strip() for line in split.read_text().splitlines() if line.strip()]
+    return [f for f in files if f.exists()]
+
+
+@dataclass
+class SystemVideo:
+    """One system's output for a clip: frames BGR [n], the speech it was driven by, timing."""
+
+    frames: List[np.ndarray]
+    wav: np.ndarray
+    original_wav: Optional[np.ndarray] = None  # for dubbing: the clip's own speech, to contrast
+    model_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+def _decode(path: Path) -> List[np.ndarray]:
+    return [f.copy() for f in media.VideoReader(media.probe(path))]
+
+
+def _shift(wav: np.ndarray, seconds: float) -> np.ndarray:
+    pad = int(round(seconds * audio.SAMPLE_RATE))
+    return np.concatenate([np.zeros(pad, np.float32), wav[:-pad]]) if pad else wav
+
+
+def _fit(wav: np.ndarray, samples: int) -> np.ndarray:
+    return wav[:samples] if len(wav) >= samples else np.pad(wav, (0, samples - len(wav)))
+
+
+class Evaluator:
+    """Scores systems on clips; holds the sync expert and the pipeline options."""
+
+    def __init__(self, backbones: Sequence[str], mode: str = "video", sync_expert=None,
+                 device: str = "auto", dub: bool = False, log: Callable[[str], None] = lambda m: None):
+        if mode not in ("video", "photo"):
+            raise DubberError(f"unknown eval mode {mode!r}; choose video or photo")
+        self.backbones, self.mode, self.sync_expert = list(backbones), mode, sync_expert
+        self.device, self.dub, self.log = device, dub, log
+
+    def systems(self) -> List[str]:
+        names = list(BASELINES) + self.backbones
+        return names + [f"{b}:dub" for b in self.backbones] if self.dub else names
+
+    # -- producing each system's video ---------------------------------------------------------
+
+    def _generate(self, backbone: str, clip: Clip, fps: float, audio_path: Path, workdir: Path, n: int) -> SystemVideo:
+        from dubber.pipeline import LipsyncOptions, lipsync
+
+        options = LipsyncOptions(backbone=backbone, device=self.device, fps=fps, overwrite=True)
+        face = clip.path
+        if self.mode == "photo":
+            face = workdir / f"{clip.path.stem}_first.png"
+            media.write_image(face, next(iter(media.VideoReader(media.probe(clip.path), count=1))))
+        out = workdir / f"{clip.path.stem}_{backbone}.mp4"
+        summary = lipsync(face, audio_path, out, options)
+        frames = _decode(out)[:n]
+        frames += [frames[-1]] * (n - len(frames))
+        return SystemVideo(frames, audio.load_audio(audio_path), model_seconds=summary.model_seconds, seconds=summary.seconds)
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def _landmarks(self, frames: List[np.ndarray], boxes: np.ndarray) -> np.ndarray:
+        import cv2
+
+        out = np.full((len(frames), 68, 2), np.nan, np.float32)
+        for t, frame in enumerate(frames):
+            if not np.isnan(boxes[t, 0]):
+                out[t] = predict_landmarks(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), boxes[t])
+        return out
+
+    def _sync(self, frames, landmarks, wav, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
+        times = np.arange(len(frames)) / fps
+        result: Dict[str, float] = {}
+        aperture = metrics.mouth_aperture(np.nan_to_num(landmarks))[valid]
+        env = audio.envelope(wav, times)[valid]
+        corr = metrics.aperture_envelope_sync(aperture, env, fps)
+        result.update(av_corr=corr.corr_at_zero, av_best_corr=corr.best_corr, av_best_lag=corr.best_lag)
+        if curves is not None:
+            window = max(3, int(round(metrics.HIGH_PASS_SECONDS * fps)) | 1)
+            curves.append((metrics.high_pass(aperture, window), metrics.high_pass(env, window), corr.corr_at_zero))
+        if self.sync_expert is not None:
+            from dubber.eval.syncnet import sync_scores
+
+            transforms = crop_transforms(np.nan_to_num(landmarks), SYNC_CROP)
+            faces = np.stack([warp_crop(f, m, SYNC_CROP.size)[..., ::-1] for f, m in zip(frames, transforms)])
+            mouths = faces[:, SYNC_CROP.size // 2:]
+            mels = audio.mel_windows(audio.log_mel(wav), times, 16)
+            scores = sync_scores(self.sync_expert, mouths, mels)
+            result.update(lse_d=scores["lse_d"], lse_c=scores["lse_c"], sync_offset=scores["offset"],
+                          offset_accuracy=scores["offset_accuracy"])
+        return result
+
+    def score_clip(self, clip: Clip, workdir: Path, sheet_dir: Optional[Path] = None,
+                   next_clip: Optional[Clip] = None) -> List[Dict[str, object]]:
+        info = media.probe(clip.path)
+        if not (info.has_video and info.has_audio):
+            raise DubberError("evaluation clips need video and audio", clip.path)
+        fps = info.fps
+        real = _decode(clip.path)
+        n = len(real)
+        wav = _fit(audio.load_audio(clip.path), int(round(n / fps * audio.SAMPLE_RATE)))
+        track = track_faces(real)
+        valid = track.valid
+        if valid.sum() < 10:
+            raise DubberError("face found in fewer than 10 frames", clip.path)
+        boxes = np.where(valid[:, None], track.boxes, track.boxes[np.argmax(valid)])
+        videos: Dict[str, SystemVideo] = {
+            "ground_truth": SystemVideo(real, wav),
+            "static_frame": SystemVideo([real[int(np.argmax(valid))]] * n, wav),
+            "shifted_audio": SystemVideo(real, _shift(wav, SHIFT_SECONDS)),
+        }
+        for backbone in self.backbones:
+            videos[backbone] = self._generate(backbone, clip, fps, clip.path, workdir, n)
+            if self.dub and next_clip is not None:
+                driving = workdir / f"{next_clip.path.stem}_speech.wav"
+                if not driving.exists():
+                    _write_wav(driving, _fit(audio.load_audio(next_clip.path), len(wav)))
+                dubbed = self._generate(backbone, clip, fps, driving, workdir, n)
+                dubbed.original_wav = wav
+                videos[f"{backbone}:dub"] = dubbed
+        real_lm = track.landmarks
+        real_m = crop_transforms(real_lm, METRIC_CROP)
+        real_crops = [warp_crop(f, m, METRIC_CROP.size) if ok else None for f, m, ok in zip(real, real_m, valid)]
+        rows, sheet, curves = [], [], {}
+        for name, video in videos.items():
+            row: Dict[str, object] = {"clip": clip.name, "system": name, "frames": n}
+            lm = real_lm if video.frames is real else (
+                np.repeat(real_lm[np.argmax(valid)][None], n, 0) if name == "static_frame" else self._landmarks(video.frames, boxes))
+            lm = np.where(valid[:, None, None], lm, np.nan)
+            m = crop_transforms(lm, METRIC_CROP)
+            crops = [warp_crop(f, t, METRIC_CROP.size) if ok else None for f, t, ok in zip(video.frames, m, valid)]
+            idx = np.flatnonzero(valid)
+            if not name.endswith(":dub"):
+                row["psnr"] = float(np.mean([min(metrics.psnr(crops[i], real_crops[i]), 100.0) for i in idx]))
+                row["ssim"] = float(np.mean([metrics.ssim(crops[i], real_crops[i]) for i in idx]))
+                row["lmd"] = metrics.mouth_landmark_distance(
+                    np.stack([transform_points(lm[i], m[i]) for i in idx]),
+                    np.stack([transform_points(real_lm[i], real_m[i]) for i in idx]))
+            row["cpbd"] = float(np.mean([metrics.cpbd(_gray(crops[i])) for i in idx[::3]]))
+            curve: list = []
+            row.update(self._sync(video.frames, lm, video.wav, fps, valid, curve))
+            if name != "static_frame":
+                curves[name] = curve[0]
+            if video.original_wav is not None:
+                original = self._sync(video.frames, lm, video.original_wav, fps, valid)
+                row["lse_c_original"] = original.get("lse_c", math.nan)
+                row["av_corr_original"] = original["av_corr"]
+            if video.seconds:
+                row["fps_model"] = n / video.model_seconds if video.model_seconds else math.nan
+                row["fps_end_to_end"] = n / video.seconds
+            rows.append(row)
+            sheet.append((name, crops))
+        if sheet_dir is not None:
+            _contact_sheet(sheet_dir / f"{clip.name}.png", sheet, valid)
+            _sync_plot(sheet_dir / f"{clip.name}_sync.png", curves, fps)
+        return rows
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+def _write_wav(path: Path, wav: np.ndarray) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(audio.SAMPLE_RATE)
+        handle.writeframes((np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes())
+
+
+def _label(image: np.ndarray, text: str) -> np.ndarray:
+    import cv2
+
+    out = image.copy()
+    cv2.putText(out, text, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def _contact_sheet(path: Path, rows, valid) -> None:
+    """Rows: systems; columns: SHEET_FRAMES aligned face crops, then the same frames' mouths enlarged."""
+    import cv2
+
+    idx = np.flatnonzero(valid)
+    picks = idx[np.linspace(0, len(idx) - 1, SHEET_FRAMES).round().astype(int)]
+    size = METRIC_CROP.size
+    lines = []
+    for name, crops in rows:
+        faces = [crops[i] for i in picks]
+        mouths = [cv2.resize(c[size // 2:, size // 8: size - size // 8], (size, size * 2 // 3)) for c in faces]
+        faces[0] = _label(faces[0], name)
+        lines.append(np.hstack(faces))
+        lines.append(np.hstack(mouths))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    media.write_image(path, np.vstack(lines))
+
+
+def _sync_plot(path: Path, curves: Dict[str, tuple], fps: float) -> None:
+    """One panel per system: mouth aperture (green) over the speech envelope (white), both
+    high-passed as in metrics.aperture_envelope_sync and standardised, with r at lag 0."""
+    width, height = 900, 110
+    panels = []
+    for name, (aperture, envelope, r) in curves.items():
+        panel = np.zeros((height, width, 3), np.uint8)
+        _polyline(panel, envelope, (255, 255, 255))
+        _polyline(panel, aperture, (80, 220, 80))
+        panels.append(_label(panel, f"{name}  r(lag 0) = {r:.2f}"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    media.write_image(path, np.vstack(panels))
+
+
+def _polyline(panel: np.ndarray, signal: np.ndarray, colour) -> None:
+    import cv2
+
+    h, w = panel.shape[:2]
+    s = np.asarray(signal, np.float64)
+    s = (s - np.nanmean(s)) / (np.nanstd(s) + 1e-9)
+    xs = np.linspace(0, w - 1, len(s))
+    ys = np.clip(h / 2 - s * h / 6, 0, h - 1)
+    points = np.stack([xs, ys], 1).round().astype(np.int32)
+    cv2.polylines(panel, [points], False, colour, 1, cv2.LINE_AA)
+
+
+def summarise(rows: List[Dict[str, object]], systems: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Mean of every metric per system over clips (NaNs ignored)."""
+    summary = {}
+    for system in systems:
+        chosen = [r for r in rows if r["system"] == system]
+        if not chosen:
+            continue
+        summary[system] = {"clips": len(chosen)}
+        for column in COLUMNS:
+            values = [float(r[column]) for r in chosen if column in r and not math.isnan(float(r[column]))]
+            if values:
+                summary[system][column] = float(np.mean(values))
+    return summary
+
+
+def load_sync_expert(path: Optional[Path] = None):
+    """The project's trained SyncNet (weights/syncnet.pt by default), in eval mode on the CPU."""
+    from dubber.backbones import weights_path
+    from dubber.checkpoint import load_model
+    from dubber.eval.syncnet import SyncNet
+
+    path = Path(path) if path else weights_path("syncnet")
+    if not path.is_file():
+        raise DubberError("no sync expert weights (train with `dubber train --backbone syncnet`, "
+                          "or pass --no-sync-expert to skip LSE-D/LSE-C)", path)
+    return load_model(path, {"SyncNet": SyncNet})
+
+
+def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = (), mode: str = "video",
+             sync_expert=None, device: str = "auto", dub: bool = False, sheets: bool = True,
+             log: Callable[[str], None] = lambda m: None,
+             on_clip: Optional[Callable[[int], None]] = None) -> Dict[str, Dict[str, float]]:
+    """Score every clip, write clips.csv, summary.json and the sheets; return the per-system summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluator = Evaluator(backbones, mode, sync_expert, device, dub, log)
+    rows: List[Dict[str, object]] = []
+    failures = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dubber-eval-") as tmp:
+        for k, clip in enumerate(clips):
+            next_clip = clips[(k + 1) % len(clips)] if len(clips) > 1 else None
+            try:
+                rows += evaluator.score_clip(clip, Path(tmp), out_dir / "sheets" if sheets else None, next_clip)
+            except DubberError as exc:
+                failures.append({"clip": clip.name, "error": str(exc)})
+                log(f"skipped {clip.name}: {exc}")
+            if on_clip:
+                on_clip(k)
+    columns = ["clip", "system", "frames"] + list(COLUMNS)
+    with media.atomic_output(out_dir / "clips.csv") as tmp_csv:
+        with open(tmp_csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = summarise(rows, evaluator.systems())
+    report = {"mode": mode, "clips": len(clips), "failed": failures, "seconds": time.perf_counter() - started,
+              "metric_crop": f"{METRIC_CROP.kind} {METRIC_CROP.size}x{METRIC_CROP.size}",
+              "shift_seconds": SHIFT_SECONDS, "systems": summary}
+    with media.atomic_output(out_dir / "summary.json") as tmp_json:
+        tmp_json.write_text(json.dumps(report, indent=2))
+    return summary

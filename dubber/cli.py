@@ -104,6 +104,7 @@ def lipsync(
 
 def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, workers: int, quiet: bool):
     from rich.table import Table
+    from rich.text import Text
 
     from dubber import batch
 
@@ -115,13 +116,15 @@ def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, wor
         jobs = batch.plan_from_folders(face, audio, output)
     output.mkdir(parents=True, exist_ok=True)
     console = _stderr_console()
-    log = (lambda r: None) if quiet else (lambda r: console.print(f"[{r.status}] {r.job.face.name}: {r.message}"))
+    log = (lambda r: None) if quiet else (lambda r: console.print(f"[{r.status}] {r.job.face.name}: {r.message}",
+                                                                   markup=False, highlight=False))
     results = batch.run_batch(jobs, options, workers, log)
     table = Table(title="dubber batch")
     for column in ("face", "audio", "output", "status", "detail"):
         table.add_column(column)
     for r in results:
-        table.add_row(r.job.face.name, r.job.audio.name, str(r.job.output), r.status, r.message)
+        # Text, not markup: file names and messages may hold [brackets]
+        table.add_row(*(Text(str(v)) for v in (r.job.face.name, r.job.audio.name, r.job.output, r.status, r.message)))
     from rich.console import Console
 
     Console().print(table)

@@ -243,6 +243,11 @@ def decode_audio(path: PathLike, sample_rate: int) -> np.ndarray:
     if wav.size == 0:
         message = result.stderr.decode(errors="replace").strip().splitlines()
         raise DubberError(f"audio could not be decoded ({message[-1] if message else 'no samples'})", path)
+    if info.duration > 0 and info.path.suffix.lower() in {".mp4", ".m4a", ".mov", ".m4v", ".3gp"}:
+        # AAC in MP4/M4A decodes with the encoder's end padding (up to 1024 samples: 64 ms at 16 kHz,
+        # more than a frame). These containers store the exact length (other formats may only
+        # estimate it from the bitrate); ffmpeg prints it truncated to 10 ms: take the middle.
+        wav = wav[:int(np.ceil((info.duration + 0.005) * sample_rate))]
     return wav
 
 
@@ -262,6 +267,8 @@ def check_output(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: boo
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DubberError(f"cannot create output folder ({exc.strerror})", folder) from exc
+    if not folder.is_dir():
+        raise DubberError("output folder is a file, not a folder", folder)
     if not os.access(folder, os.W_OK):
         raise DubberError("output folder is not writable", folder)
     return path

@@ -1,0 +1,60 @@
+"""Shared fixtures for the end-to-end tests: test backbones registered, tiny media made once per session.
+
+One torch thread everywhere: the tests run on small shared machines and the media are tiny.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import helpers  # noqa: E402  (registers the identity and shiftmouth backbones)
+
+GRID_DIRS = [helpers.REPO.parent / "shared" / "data" / "grid" / "s1", Path("/work/shared/data/grid/s1")]
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    """A folder of inputs shared by the whole session; tests must not write into it."""
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def face_video(media_dir) -> Path:
+    """2 s, 25 fps, 160x128 H.264 of the example face with head motion, a frame-index marker along the
+    bottom rows, and an AAC track of speech-like audio."""
+    return helpers.make_face_video(media_dir / "face_motion.mp4", seconds=2.0, fps=25, audio=True)
+
+
+@pytest.fixture(scope="session")
+def face_video_silent(media_dir) -> Path:
+    """1 s, 25 fps, 160x128, head motion, no audio track."""
+    return helpers.make_face_video(media_dir / "face_noaudio.mp4", seconds=1.0, fps=25)
+
+
+@pytest.fixture(scope="session")
+def speech_1s(media_dir) -> Path:
+    """1.0 s of 16 kHz mono speech-like audio (exactly 25 frames at 25 fps)."""
+    return helpers.make_tone_speech(media_dir / "speech_1s.wav", 1.0)
+
+
+@pytest.fixture(scope="session")
+def face_still(media_dir) -> Path:
+    """A 160x128 PNG of the example face (no motion)."""
+    return helpers.write_image(media_dir / "face_still.png", helpers.face_frame(0.0, motion=False))
+
+
+@pytest.fixture(scope="session")
+def grid_clip() -> Path:
+    """The first clip of the GRID corpus' speaker 1 from ../shared/data (skipped when absent)."""
+    for folder in GRID_DIRS:
+        clips = sorted(folder.glob("*.mp4")) if folder.is_dir() else []
+        if clips:
+            return clips[0]
+    pytest.skip("GRID data (../shared/data/grid/s1) is not available on this machine")

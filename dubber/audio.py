@@ -22,6 +22,7 @@ FMIN, FMAX = 55, 7600  # Hz
 MIN_LEVEL_DB = -100.0
 REF_LEVEL_DB = 20.0
 SILENCE_RMS = 1e-4  # full-scale RMS under which a track counts as silent
+MEL_CHUNK = 8192  # STFT frames computed at once (~100 s of audio): memory does not grow with length
 
 
 def load_audio(path: Union[str, Path], check_silence: bool = True) -> np.ndarray:
@@ -29,7 +30,8 @@ def load_audio(path: Union[str, Path], check_silence: bool = True) -> np.ndarray
     wav = media.decode_audio(path, SAMPLE_RATE)
     if wav.size < SAMPLE_RATE // 25:
         raise DubberError("audio is shorter than one video frame", path)
-    if check_silence and float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) < SILENCE_RMS:
+    # RMS accumulated in float64 without a float64 copy of the track (16 bytes a sample for an hour of audio)
+    if check_silence and float(np.sqrt(np.einsum("i,i->", wav, wav, dtype=np.float64) / wav.size)) < SILENCE_RMS:
         raise DubberError("audio track is silent", path)
     return wav
 
@@ -44,12 +46,35 @@ def log_mel(wav: np.ndarray) -> np.ndarray:
 
     if _MEL_BASIS is None:
         _MEL_BASIS = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
-    # Pre-emphasis, as in Wav2Lip: lifts the high bands where consonants live.
-    emphasised = np.append(wav[:1], wav[1:] - 0.97 * wav[:-1]).astype(np.float32)
-    spec = np.abs(librosa.stft(emphasised, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT))
-    mel_db = 20 * np.log10(np.maximum(1e-5, _MEL_BASIS @ spec)) - REF_LEVEL_DB
-    normalised = np.clip(8 * (mel_db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - 4, -4, 4)
-    return normalised.astype(np.float32)
+    # librosa's centred STFT (zero padding) of the pre-emphasised track, taken MEL_CHUNK frames at a
+    # time: the same numbers (to float rounding, < 1e-6), but neither a copy of the track nor its
+    # [401, T] spectrogram (~50 MB a minute) is ever held whole.
+    pad = N_FFT // 2
+    frames = 1 + len(wav) // HOP_LENGTH
+    out = np.empty((N_MELS, frames), np.float32)
+    for start in range(0, frames, MEL_CHUNK):
+        stop = min(frames, start + MEL_CHUNK)
+        segment = _pre_emphasised(wav, start * HOP_LENGTH - pad, (stop - 1) * HOP_LENGTH + N_FFT - pad)
+        spec = np.abs(librosa.stft(segment, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT, center=False))
+        mel_db = 20 * np.log10(np.maximum(1e-5, _MEL_BASIS @ spec)) - REF_LEVEL_DB
+        out[:, start:stop] = np.clip(8 * (mel_db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - 4, -4, 4)
+    return out
+
+
+def _pre_emphasised(wav: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Samples lo..hi-1 of the pre-emphasised track, zeros outside it: float32 [hi - lo].
+
+    Pre-emphasis, as in Wav2Lip (y[0] = x[0], y[n] = x[n] - 0.97 x[n-1]), lifts the high bands
+    where consonants live.
+    """
+    out = np.zeros(hi - lo, np.float32)
+    a, b = max(lo, 0), min(hi, len(wav))
+    if b > a:
+        first = max(a, 1)
+        out[first - lo:b - lo] = wav[first:b] - 0.97 * wav[first - 1:b - 1]
+        if a == 0:
+            out[-lo] = wav[0]
+    return out
 
 
 def mel_windows(mel: np.ndarray, times_s: np.ndarray, width: int) -> np.ndarray:

@@ -5,9 +5,9 @@ such pairs, so every training sample is built from one real clip instead. For a 
 
   reference  a random frame of the same clip, at least MIN_FRAME_GAP frames from t: identity
              and texture (teeth, lips), never the answer;
-  blend base I: frame t with its lower half replaced by the lower half of another distant frame of
-             the clip, so the mouth in I is wrong and copying it is penalised (at inference I is
-             the real frame, whose mouth speaks other words);
+  blend base I: frame t with a feathered mouth-and-chin ellipse taken from another distant frame
+             of the clip, so the mouth in I is wrong and copying it is penalised (at inference I is
+             the real frame, whose mouth speaks other words), while cheeks and nose stay exact;
   input      I with its lower half zeroed, plus the reference (DCK.forward masks I itself);
   audio      the mel window of frame t;
   target     frame t.
@@ -46,6 +46,8 @@ MOUTH_WEIGHT = 3.0  # L1 weight of the lower half of the crop relative to the up
 SYNC_WEIGHT = 0.3  # Wav2Lip's 0.03 : 0.97 sync-to-L1 ratio, times our LAMBDA_REC
 SYNC_WINDOW = 5  # consecutive frames the lip-sync expert judges (0.2 s at 25 fps)
 SYNC_MOUTH_SIZE = (48, 96)  # (H, W) of the expert's mouth crop: lower half of a 96x96 face (dubber.eval.syncnet)
+DONOR_CENTRE, DONOR_RADII = (0.5, 0.80), (0.30, 0.22)  # crop fractions: mouth and chin of the box crop
+DONOR_FEATHER = 0.3  # width of the ellipse's soft edge, in units of its radius
 MIN_FRAME_GAP = 5  # frames between the target and its reference / mouth donor (different mouths)
 # Shorter clips are skipped: a reference or donor next to (or equal to) the target shows the
 # answer's mouth, and the model would learn to copy instead of listening.
@@ -229,6 +231,18 @@ class ClipSampler:
         return {key: np.stack(value) for key, value in rows.items()}
 
 
+def _donor_region(size: int, device: torch.device) -> torch.Tensor:
+    """Feathered ellipse over mouth and chin, [1, 1, S, S] in [0, 1]: where the blend base shows the donor.
+
+    Only this region differs from the target, so α learns to cover the mouth and nothing else;
+    swapping the whole lower half taught α a hard edge across the nose and blurred the cheeks.
+    """
+    (cx, cy), (rx, ry) = DONOR_CENTRE, DONOR_RADII
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size, device=device), torch.linspace(0, 1, size, device=device), indexing="ij")
+    distance = torch.sqrt(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2)
+    return ((1 - distance) / DONOR_FEATHER + 0.5).clamp(0, 1)[None, None]
+
+
 def _distant_frame(length: int, t: int, rng: np.random.Generator) -> int:
     """A random frame index at least MIN_FRAME_GAP from t (length >= MIN_CLIP_FRAMES guarantees one)."""
     candidates = np.flatnonzero(np.abs(np.arange(length) - t) >= MIN_FRAME_GAP)
@@ -261,8 +275,8 @@ def _augment_batch(batch: Dict[str, np.ndarray], rng: np.random.Generator, devic
     images = ((images - grey) * factors(1.0) + grey).clamp_(0, 1)
 
     targets, references, donors = images
-    half = targets.shape[2] // 2
-    bases = torch.cat([targets[:, :, :half], donors[:, :, half:]], dim=2)
+    region = _donor_region(targets.shape[-1], device)
+    bases = targets * (1 - region) + donors * region
     mels = torch.from_numpy(batch["mels"]).to(device).float().unsqueeze(1)
     return targets, references, bases, mels
 

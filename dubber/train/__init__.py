@@ -49,7 +49,7 @@ def train_from_corpus(model: str, data_root: Path, cache_dir: Path, out_path: Pa
     log(f"{len(clips)} clips, {sum(len(c['faces']) for c in clips)} frames")
     expert = None
     if sync_expert is not None:
-        from dubber.eval.syncnet import load_sync_expert
+        from dubber.eval.run import load_sync_expert
 
         expert = load_sync_expert(sync_expert)
     train_dck(clips, out_path, steps, batch_size or 16, device=device_name, resume=resume, log=log,

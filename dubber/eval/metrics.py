@@ -261,7 +261,8 @@ def mouth_aperture(landmarks68: np.ndarray) -> np.ndarray:
     upper = points[:, [p for p, _ in INNER_LIP_PAIRS]]
     lower = points[:, [q for _, q in INNER_LIP_PAIRS]]
     opening = np.linalg.norm(upper - lower, axis=2).mean(axis=1)
-    inter_ocular = np.linalg.norm(points[:, LEFT_EYE_POINTS].mean(axis=1) - points[:, RIGHT_EYE_POINTS].mean(axis=1), axis=1)
+    eye_to_eye = points[:, LEFT_EYE_POINTS].mean(axis=1) - points[:, RIGHT_EYE_POINTS].mean(axis=1)
+    inter_ocular = np.linalg.norm(eye_to_eye, axis=1)
     return opening / np.maximum(inter_ocular, 1e-6)
 
 

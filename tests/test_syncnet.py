@@ -1,0 +1,179 @@
+"""The SyncNet sync expert: shapes, offset search, a synthetic sync task it must learn, checkpoints."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dubber.checkpoint import load_model
+from dubber.errors import DubberError
+from dubber.eval import syncnet
+from dubber.eval.syncnet import (MEL_WIDTH, MOUTH_H, MOUTH_W, SyncNet, load_sync_expert, mouths_from_faces,
+                                 offset_contrastive_loss, offset_distances, sync_loss, sync_scores)
+from dubber.train.syncnet import resume_path, train_syncnet
+
+torch.set_num_threads(1)
+
+MEL_PER_FRAME = 80 / 25  # mel frames per video frame at 25 fps
+TINY = dict(base_channels=8, embed_dim=32)
+TRAIN_STEPS = 60
+
+
+def synthetic_clip(rng, frames, identity, mouth_lag=0):
+    """A mouth whose opening height and width follow two band energies of the audio.
+
+    mouth_lag > 0: the mouth moves that many frames after the sound. Energies are drawn per video
+    frame; the mel "spectrogram" holds band energy 0 in its low 40 bands and energy 1 in the high
+    40, at 80 mel frames/s, cut into windows centred on each frame as dubber.audio.mel_windows does.
+    """
+    energy = rng.random((2, frames + 40))
+    sound = energy[:, 20:20 + frames]
+    mouth = energy[:, 20 - mouth_lag:20 - mouth_lag + frames]
+    mel_frames = int(frames * MEL_PER_FRAME) + 1
+    level = sound[:, np.minimum((np.arange(mel_frames) / MEL_PER_FRAME).astype(int), frames - 1)]
+    mel = np.repeat(level, 40, axis=0) * 7 - 4 + rng.normal(0, 0.3, (80, mel_frames))
+    padded = np.pad(mel, ((0, 0), (MEL_WIDTH // 2, MEL_WIDTH)), constant_values=-4.0)
+    centres = np.round(np.arange(frames) * MEL_PER_FRAME).astype(int)
+    mels = np.stack([padded[:, c:c + MEL_WIDTH] for c in centres]).astype(np.float32)
+
+    skin = 150 + 0.5 * np.random.default_rng(sum(map(ord, identity))).integers(0, 120, (MOUTH_H, MOUTH_W, 3))
+    mouths = np.repeat(skin[None], frames, axis=0)
+    for t in range(frames):
+        height, width = int(round(2 + 30 * mouth[0, t])), int(round(30 + 50 * mouth[1, t]))
+        top, left = MOUTH_H // 2 - height // 2, MOUTH_W // 2 - width // 2
+        mouths[t, top:top + height, left:left + width] = 30
+    mouths = np.clip(mouths + rng.normal(0, 8, mouths.shape), 0, 255).astype(np.uint8)
+    return {"mouths": mouths, "mels": mels, "identity": identity}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    # One identity owns 90 % of the clips, as in the real data.
+    clips = [synthetic_clip(rng, 40, "anna" if i < 9 else "bert") for i in range(10)]
+    out = tmp_path_factory.mktemp("syncnet") / "syncnet.pt"
+    logs = []
+    model = train_syncnet(clips, out, steps=TRAIN_STEPS, batch_size=32, lr=3e-3, log_every=TRAIN_STEPS,
+                          checkpoint_every=TRAIN_STEPS // 2, model_kwargs=TINY, negatives=2, log=logs.append)
+    return model, out, clips, logs
+
+
+def test_shapes():
+    model = SyncNet(**TINY)
+    windows, mels = torch.rand(3, 15, MOUTH_H, MOUTH_W), torch.randn(3, 1, 80, MEL_WIDTH)
+    face, audio = model.embed_face(windows), model.embed_audio(mels)
+    assert face.shape == audio.shape == (3, 32)
+    assert torch.allclose(face.norm(dim=1), torch.ones(3), atol=1e-5)
+    probability = model(windows, mels)  # the expert's P(in sync), as a generator's sync loss uses it
+    assert probability.shape == (3,) and ((probability >= 0) & (probability <= 1)).all()
+    assert torch.allclose(probability, (1 + (face * audio).sum(dim=1)) / 2, atol=1e-5)
+    with pytest.raises(ValueError):
+        model.embed_face(torch.rand(3, 3, MOUTH_H, MOUTH_W))
+
+
+class _ClockNet(torch.nn.Module):
+    """A fake expert whose embeddings are angles: a face window points at its middle frame's pixel
+    value, an audio window at its mel value. Distances are then smallest where the frames match."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def _angle(value):
+        return torch.stack([torch.cos(0.1 * value), torch.sin(0.1 * value)], dim=1)
+
+    def embed_face(self, windows):
+        middle_red = windows[:, 3 * (syncnet.MOUTH_FRAMES // 2)]
+        return self._angle(middle_red.mean(dim=(1, 2)) * 255)
+
+    def embed_audio(self, mels):
+        return self._angle(mels.mean(dim=(1, 2, 3)))
+
+
+def _clock_clip(frames, mouth_lag):
+    mouth_frame = np.arange(frames) - mouth_lag  # frame t shows the mouth of audio frame t - lag
+    mouths = np.repeat(mouth_frame + 20, MOUTH_H * MOUTH_W * 3).reshape(frames, MOUTH_H, MOUTH_W, 3)
+    mels = np.repeat(np.arange(frames) + 20.0, 80 * MEL_WIDTH).reshape(frames, 80, MEL_WIDTH)
+    return mouths.astype(np.uint8), mels.astype(np.float32)
+
+
+@pytest.mark.parametrize("mouth_lag", [0, 3, -4])
+def test_offset_search_indexing_and_sign(mouth_lag):
+    mouths, mels = _clock_clip(40, mouth_lag)
+    distances = offset_distances(_ClockNet(), mouths, mels)
+    assert distances.shape == (36, 31)
+    assert np.isnan(distances[0, 0]) and np.isnan(distances[-1, -1])  # audio frames outside the clip
+    # Column o is audio shift o - 15; a mouth lag L is found at shift -L where that audio exists.
+    middles = np.arange(36) + 2
+    inside = (middles - mouth_lag >= 0) & (middles - mouth_lag < 40)
+    assert (np.nanargmin(distances, axis=1)[inside] == 15 - mouth_lag).all()
+    scores = sync_scores(_ClockNet(), mouths, mels, expected_offset=mouth_lag)
+    assert scores["offset"] == mouth_lag  # positive: the mouth moves after the sound
+    assert scores["offset_accuracy"] >= inside.mean()
+    assert scores["lse_d"] == pytest.approx(0.0, abs=1e-4)
+    assert scores["lse_c"] > 0.5
+
+
+def test_sync_loss_values():
+    a = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    orthogonal = torch.nn.functional.normalize(torch.stack([torch.tensor([-x[1], x[0]]) for x in a[:, :2]]), dim=1)
+    orthogonal = torch.cat([orthogonal, torch.zeros(4, 6)], dim=1)
+    a2 = torch.cat([a[:, :2] / a[:, :2].norm(dim=1, keepdim=True), torch.zeros(4, 6)], dim=1)
+    assert sync_loss(a2, orthogonal, torch.ones(4)).item() == pytest.approx(math.log(2), rel=1e-4)  # score 0.5
+    assert sync_loss(a, a, torch.ones(4)).item() < 1e-4
+    assert sync_loss(a, -a, torch.zeros(4)).item() < 1e-4
+
+
+def test_offset_contrastive_loss_values():
+    eye = torch.eye(6)
+    face = eye[:2]  # window b matches candidate 0 of row b exactly
+    audio = torch.stack([eye[[0, 2, 3]], eye[[1, 4, 5]]])  # [B=2, K=3, D=6]
+    # At temperature 1 each row has logit 1 for its positive and 0 for the 5 others.
+    expected = -math.log(math.e / (math.e + 5))
+    assert offset_contrastive_loss(face, audio, temperature=1.0).item() == pytest.approx(expected, rel=1e-5)
+    exclude = torch.ones(2, 6, dtype=torch.bool)
+    exclude[0, 0] = exclude[1, 3] = False
+    assert offset_contrastive_loss(face, audio, exclude=exclude).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mouths_from_faces_takes_lower_half():
+    faces = np.zeros((2, 128, 128, 3), np.uint8)
+    faces[:, 64:] = 200
+    mouths = mouths_from_faces(faces)
+    assert mouths.shape == (2, MOUTH_H, MOUTH_W, 3)
+    assert (mouths == 200).all()
+
+
+def test_learns_synthetic_sync(trained):
+    model, _, _, logs = trained
+    assert model.meta["steps"] == TRAIN_STEPS and not model.training
+    for identity, seed in (("anna", 1), ("carl", 2)):  # a seen and an unseen face
+        clip = synthetic_clip(np.random.default_rng(seed), 60, identity)
+        scores = sync_scores(model, clip["mouths"], clip["mels"])
+        assert scores["offset"] == 0
+        assert scores["offset_accuracy"] > 0.8, (identity, scores)
+    late = synthetic_clip(np.random.default_rng(3), 60, "anna", mouth_lag=3)
+    assert sync_scores(model, late["mouths"], late["mels"])["offset"] == 3
+
+
+def test_checkpoint_round_trip_and_resume(trained):
+    model, out, clips, logs = trained
+    package = torch.load(out, weights_only=True)
+    assert package["class"] == "SyncNet" and package["kwargs"] == TINY
+    assert {"data", "steps", "hardware", "date"} <= set(package["meta"])
+    loaded = load_model(out, {"SyncNet": SyncNet})
+    assert load_sync_expert(out).init_kwargs == TINY
+    with pytest.raises(DubberError):
+        load_sync_expert(out.with_name("missing.pt"))
+    x, m = torch.rand(2, 15, MOUTH_H, MOUTH_W), torch.randn(2, 1, 80, MEL_WIDTH)
+    with torch.no_grad():
+        assert torch.allclose(loaded.embed_face(x), model.embed_face(x), atol=1e-6)
+        assert torch.allclose(loaded.embed_audio(m), model.embed_audio(m), atol=1e-6)
+    assert resume_path(out).is_file()
+    resumed_logs = []
+    train_syncnet(clips, out, steps=TRAIN_STEPS + 1, batch_size=4, lr=3e-3, log_every=1, checkpoint_every=100,
+                  negatives=2, log=resumed_logs.append)
+    assert resumed_logs[0].startswith("resumed") and f"at step {TRAIN_STEPS}" in resumed_logs[0]
+    assert resumed_logs[1].startswith(f"step {TRAIN_STEPS + 1}/")

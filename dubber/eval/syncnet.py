@@ -10,7 +10,6 @@ stacked frame-major as channels (frame 0 RGB, frame 1 RGB, ...); a mouth crop is
 dubber.audio.mel_windows(..., width=16): 0.2 s centred on the middle (third) frame of the five.
 """
 
-from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Union
 
 import cv2
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dubber.backbones.blocks import LEAKY_SLOPE, N_MELS, AudioEncoder, ConvNormAct, ResidualBlock
-from dubber.errors import DubberError
 from dubber.eval.metrics import lse
 
 MOUTH_FRAMES = 5
@@ -84,17 +82,6 @@ class SyncNet(nn.Module):
 
     def forward(self, mouth_windows: torch.Tensor, mels: torch.Tensor) -> torch.Tensor:
         return sync_probability(self.embed_face(mouth_windows), self.embed_audio(mels))
-
-
-def load_sync_expert(path: Optional[Union[str, Path]] = None) -> SyncNet:
-    """The trained SyncNet at `path` (default: weights/syncnet.pt), in eval mode on the CPU."""
-    from dubber.backbones import weights_path
-    from dubber.checkpoint import load_model
-
-    path = Path(path) if path else weights_path("syncnet")
-    if not path.is_file():
-        raise DubberError("no sync expert weights (train one with `dubber train --backbone syncnet`)", path)
-    return load_model(path, {"SyncNet": SyncNet})
 
 
 def sync_probability(face_emb: torch.Tensor, audio_emb: torch.Tensor) -> torch.Tensor:

@@ -229,6 +229,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     transforms = crop_transforms(analysis.track.landmarks, spec)[order]
     landmarks = analysis.track.landmarks[order]
     mel = audio.log_mel(wav)
+    del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
     summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
                       device=str(generator.device))
     if len(analysis.track) < n_out and not analysis.is_image:

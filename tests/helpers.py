@@ -69,6 +69,19 @@ class ShiftMouthBackbone(IdentityBackbone):
         return Generated(out)
 
 
+@register
+class CrashingBackbone(IdentityBackbone):
+    """Fails on its second batch, after the encoder has already written frames: nothing may be left."""
+
+    name = "crashing"
+
+    def forward(self, faces, mels, references=None) -> Generated:
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls > 1:
+            raise RuntimeError("simulated failure in the generator")
+        return Generated(faces)
+
+
 # ---------------------------------------------------------------------------------------------
 # running the CLI
 

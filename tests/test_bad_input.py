@@ -171,14 +171,18 @@ def _changed_side(image, output):
 
 def case_two_faces_largest(base, d, out):
     image = _two_faces(d)
-    check = lambda output, *_: _changed_side(image, output) == "left" or pytest.fail("largest face not dubbed")
+
+    def check(output, *_):
+        assert _changed_side(image, output) == "left", "the largest face was not the one dubbed"
     return Case([image, _copy(base["speech"], d), "-o", out / "o.mp4", "-q", "--backbone", "shiftmouth"], "ok",
                 backbone=None, check=check)
 
 
 def case_two_faces_index_1(base, d, out):
     image = _two_faces(d)
-    check = lambda output, *_: _changed_side(image, output) == "right" or pytest.fail("--face-index 1 not dubbed")
+
+    def check(output, *_):
+        assert _changed_side(image, output) == "right", "--face-index 1 did not dub the other face"
     return Case([image, _copy(base["speech"], d), "-o", out / "o.mp4", "-q", "--backbone", "shiftmouth",
                  "--face-index", "1"], "ok", backbone=None, check=check)
 
@@ -345,6 +349,22 @@ def test_bad_input(name, base, tmp_path):
         assert _leftovers(out_dir, [output] + case.keep) == []
     assert helpers.tree_hashes(in_dir) == before_in  # inputs untouched
     assert not [p for p in tmp_path.rglob("*partial*")]
+
+
+@pytest.mark.slow
+def test_a_crash_mid_run_leaves_no_partial_output(base, tmp_path):
+    """The generator fails after frames were encoded: an internal error (exit 2) in one line, and the
+    half-written temporary file is gone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code, stdout, stderr = helpers.run_cli(["lipsync", base["video"], base["speech"], "-o", out / "o.mp4",
+                                            "--backbone", "crashing", "--batch-size", "8", "-q"])
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    print(f"crash mid-run: exit {code}; {lines}")
+    assert code == 2 and stdout == ""
+    assert len(lines) == 1 and lines[0].startswith("error: internal error") and "simulated failure" in lines[0]
+    assert "Traceback" not in stderr
+    assert list(out.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------

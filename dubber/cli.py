@@ -44,6 +44,12 @@ def _progress(quiet: bool):
         yield hook
 
 
+def media_crf() -> int:
+    from dubber.media import VIDEO_CRF
+
+    return VIDEO_CRF
+
+
 def _fail(message: str, code: int = 1):
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -75,7 +81,7 @@ def lipsync(
     face_index: int = typer.Option(0, help="Which face to dub, 0 = largest."),
     face_box: Optional[str] = typer.Option(None, help="Dub the face overlapping this box: x0,y0,x1,y1."),
     batch_size: int = typer.Option(16, help="Frames per backbone call."),
-    crf: int = typer.Option(16, help="H.264 quality (lower is better, 0-51)."),
+    crf: int = typer.Option(media_crf(), help="H.264 quality (lower is better, 0-51)."),
     jobs: int = typer.Option(1, help="Parallel jobs for batches."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),

@@ -335,7 +335,9 @@ def lse(distances: np.ndarray) -> dict:
       offset = c - argmin(curve), frames; positive = the mouth moves after the sound (the AV offset
                syncnet_python prints).
     Also returned, the per-window variants: lse_d_window = mean_w min_o distances[w],
-    lse_c_window = mean_w (median_o - min_o distances[w]).
+    lse_c_window = mean_w (median_o - min_o distances[w]); and the same two at offset 0, the
+    alignment as delivered: lse_d0 = curve[c], lse_c0 = median(curve) - curve[c] (equal to
+    lse_d / lse_c when the best offset is 0, lower otherwise).
     """
     distances = np.asarray(distances, dtype=np.float64)
     if distances.ndim != 2 or distances.shape[1] % 2 != 1:
@@ -349,7 +351,12 @@ def lse(distances: np.ndarray) -> dict:
         curve = np.nanmean(distances, axis=0)
     best = int(np.nanargmin(curve))
     window_min = np.nanmin(distances, axis=1)
+    centre = distances.shape[1] // 2
     return {
+        # At offset 0, i.e. the alignment as delivered: a shifted track the search would find and
+        # forgive (a 0.5 s shift is 12.5 frames, inside the +-15 search) is punished here.
+        "lse_d0": float(curve[centre]),
+        "lse_c0": float(np.nanmedian(curve) - curve[centre]),
         "lse_d": float(curve[best]),
         "lse_c": float(np.nanmedian(curve) - curve[best]),
         "offset": distances.shape[1] // 2 - best,

@@ -37,13 +37,14 @@ from dubber.face.track import track_faces
 METRIC_CROP = CropSpec(CROP_FACE, 128)  # PSNR / SSIM / CPBD / LMD are measured on these aligned crops
 SYNC_CROP = CropSpec(CROP_FACE, 96)  # the sync expert sees the lower half of these
 SHIFT_SECONDS = 0.5
+SPEECH_LEVEL = 0.2  # a frame has speech when its envelope exceeds this fraction of the clip's 95th percentile
 SHEET_FRAMES = 6  # frames per row of a contact sheet
 GRID_VAL = 100  # GRID validation: the last 100 sentences of each speaker
 DATASETS = ("grid", "lrw", "folder")
 BASELINES = ("ground_truth", "static_frame", "shifted_audio")
-COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "sync_offset", "offset_accuracy",
-           "av_corr", "av_best_corr", "av_best_lag", "lse_c_original", "av_corr_original",
-           "fps_model", "fps_end_to_end")
+COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "lse_d0", "lse_c0", "sync_offset",
+           "offset_accuracy", "offset_accuracy_speech", "av_corr", "av_best_corr", "av_best_lag",
+           "lse_c0_original", "av_corr_original", "fps_model", "fps_end_to_end")
 
 
 @dataclass
@@ -172,9 +173,13 @@ class Evaluator:
             faces = np.stack([warp_crop(f, m, SYNC_CROP.size)[..., ::-1] for f, m in zip(frames, transforms)])
             mouths = faces[:, SYNC_CROP.size // 2:]
             mels = audio.mel_windows(audio.log_mel(wav), times, 16)
-            scores = sync_scores(self.sync_expert, mouths, mels)
-            result.update(lse_d=scores["lse_d"], lse_c=scores["lse_c"], sync_offset=scores["offset"],
-                          offset_accuracy=scores["offset_accuracy"])
+            loudness = audio.envelope(wav, times)
+            speech = loudness > SPEECH_LEVEL * np.percentile(loudness, 95)
+            scores = sync_scores(self.sync_expert, mouths, mels, speech=speech & valid)
+            result.update(lse_d=scores["lse_d"], lse_c=scores["lse_c"], lse_d0=scores["lse_d0"],
+                          lse_c0=scores["lse_c0"], sync_offset=scores["offset"],
+                          offset_accuracy=scores["offset_accuracy"],
+                          offset_accuracy_speech=scores["offset_accuracy_speech"])
         return result
 
     def score_clip(self, clip: Clip, workdir: Path, sheet_dir: Optional[Path] = None,
@@ -230,7 +235,7 @@ class Evaluator:
                 curves[name] = curve[0]
             if video.original_wav is not None:
                 original = self._sync(video.frames, lm, video.original_wav, fps, valid)
-                row["lse_c_original"] = original.get("lse_c", math.nan)
+                row["lse_c0_original"] = original.get("lse_c0", math.nan)
                 row["av_corr_original"] = original["av_corr"]
             if video.seconds:
                 row["fps_model"] = n / video.model_seconds if video.model_seconds else math.nan

@@ -198,10 +198,12 @@ def offset_distances(model: SyncNet, mouths, mels, offsets: Sequence[int] = OFFS
 
 
 def sync_scores(model: SyncNet, mouths, mels, offsets: Sequence[int] = OFFSETS,
-                expected_offset: int = 0) -> Dict[str, float]:
-    """Sync of one clip: lse_d, lse_c, offset (frames, positive = mouth after sound), the per-window
-    lse_d_window / lse_c_window, and offset_accuracy = fraction of 5-frame windows whose own best
-    offset is within +-1 frame of expected_offset (0 for a clip that should be in sync).
+                expected_offset: int = 0, speech: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Sync of one clip: lse_d, lse_c, offset (frames, positive = mouth after sound), lse_d0 /
+    lse_c0 at offset 0, the per-window lse_d_window / lse_c_window, and offset_accuracy = fraction
+    of 5-frame windows whose own best offset is within +-1 frame of expected_offset (0 for a clip
+    that should be in sync); with `speech` (bool [T], frames with speech) also
+    offset_accuracy_speech over the windows centred on speech.
 
     Same inputs as offset_distances; offsets must be symmetric and consecutive (-c..c).
     """
@@ -212,5 +214,10 @@ def sync_scores(model: SyncNet, mouths, mels, offsets: Sequence[int] = OFFSETS,
     distances = offset_distances(model, mouths, mels, offsets)
     scores = lse(distances)
     window_offsets = centre - np.nanargmin(distances, axis=1)  # same sign as lse's offset
-    scores["offset_accuracy"] = float(np.mean(np.abs(window_offsets - expected_offset) <= 1))
+    hits = np.abs(window_offsets - expected_offset) <= 1
+    scores["offset_accuracy"] = float(np.mean(hits))
+    if speech is not None:
+        # Windows whose middle frame has speech: in silence there is no sync to find.
+        voiced = np.asarray(speech, bool)[MOUTH_FRAMES // 2: MOUTH_FRAMES // 2 + len(hits)]
+        scores["offset_accuracy_speech"] = float(np.mean(hits[voiced])) if voiced.any() else float("nan")
     return scores

@@ -39,7 +39,6 @@ SYNC_CROP = CropSpec(CROP_FACE, 96)  # the sync expert sees the lower half of th
 SHIFT_SECONDS = 0.5
 SPEECH_LEVEL = 0.2  # a frame has speech when its envelope exceeds this fraction of the clip's 95th percentile
 SHEET_FRAMES = 6  # frames per row of a contact sheet
-GRID_VAL = 100  # GRID validation: the last 100 sentences of each speaker
 DATASETS = ("grid", "lrw", "folder")
 BASELINES = ("ground_truth", "static_frame", "shifted_audio")
 COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "lse_d0", "lse_c0", "sync_offset",
@@ -61,10 +60,9 @@ def list_clips(dataset: str, root: Path, split: Optional[Path] = None, limit: Op
     if split is not None:
         files = _split_files(Path(split), root)
     elif dataset == "grid":
-        files = []
-        for speaker in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "alignments"):
-            utts = sorted(p for p in speaker.iterdir() if p.suffix.lower() in (".mpg", ".mp4"))
-            files += utts[-GRID_VAL:]
+        from dubber.train.data import grid_split
+
+        files = grid_split(root)["val"]
     elif dataset == "lrw":
         files = sorted(root.glob("*/test/*.mp4"))
     elif dataset == "folder":

@@ -20,7 +20,7 @@ import numpy as np
 from dubber import audio
 from dubber.errors import DubberError
 
-GRID_TRAIN, GRID_VAL = 900, 100  # GRID s1: first 900 sentences (sorted) train, last 100 validate
+GRID_VAL_FRACTION = 0.1  # GRID: the last 10 % of each speaker's sentences (sorted) validate
 MIN_RUN = 12  # frames: shorter face runs are dropped (a sync window needs 5, training context more)
 MIN_SYNC_PEAK = 0.2  # wild clips whose lag estimate is weaker than this are not trusted for sync
 MEL_WIDTH = 16
@@ -28,13 +28,15 @@ MEL_WIDTH = 16
 SAME_PERSON = {"hdtf_AOC_short": "hdtf_AlexandriaOcasioCortez", "vox2_741400163": "vox2_741400104"}
 
 
-def grid_files(root: Path) -> Dict[str, List[Path]]:
-    """GRID videos per split: <root>/grid/<speaker>/<utt>.(mpg|mp4), split per speaker by sorted order."""
+def grid_split(grid_root: Path) -> Dict[str, List[Path]]:
+    """GRID videos per split: <grid_root>/<speaker>/<utt>.(mpg|mp4); per speaker, in sorted order,
+    the last GRID_VAL_FRACTION validate (GRID s1: the last 100 of 1000) and the rest train."""
     splits: Dict[str, List[Path]] = {"train": [], "val": []}
-    grid = root / "grid"
-    for speaker in sorted(p for p in grid.iterdir() if p.is_dir() and p.name != "alignments") if grid.is_dir() else []:
+    grid_root = Path(grid_root)
+    speakers = sorted(p for p in grid_root.iterdir() if p.is_dir() and p.name != "alignments") if grid_root.is_dir() else []
+    for speaker in speakers:
         files = sorted(p for p in speaker.iterdir() if p.suffix.lower() in (".mpg", ".mp4"))
-        cut = max(0, len(files) - GRID_VAL)
+        cut = len(files) - int(len(files) * GRID_VAL_FRACTION)
         splits["train"] += files[:cut]
         splits["val"] += files[cut:]
     return splits
@@ -58,7 +60,7 @@ def identity_of(path: Path) -> str:
 def corpus(root: Path, split: str, grid_every: int = 1) -> List[dict]:
     """Files of one split with identity and lag: [{"path", "identity", "lag"}]. lag: frames the mouth trails the sound."""
     root = Path(root)
-    items = [{"path": p, "identity": identity_of(p), "lag": 0} for p in grid_files(root)[split][::grid_every]]
+    items = [{"path": p, "identity": identity_of(p), "lag": 0} for p in grid_split(root / "grid")[split][::grid_every]]
     for row in wild_rows(root):
         if row["split"] != split:
             continue

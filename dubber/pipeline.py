@@ -244,10 +244,12 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
             def flush():
                 faces = [i for i, _ in pending if not np.isnan(transforms[i, 0, 0])]
                 crops = [warp_crop(frame, transforms[i], spec.size) for i, frame in pending if i in faces]
-                generated = alpha = None
+                generated = None
                 if crops:
                     mels = audio.mel_windows(mel, np.array(faces) / fps, backbone.mel_width)
-                    generated, alpha = generator(crops, mels)
+                    # With "alpha" blending the backbone's α is already inside its images
+                    # (I·(1−α) + M·α), so pasting their change under the border mask applies it once.
+                    generated, _ = generator(crops, mels)
                 for i, frame in pending:
                     if i in faces:
                         j = faces.index(i)
@@ -274,7 +276,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
                 flush()
             summary.frames = writer.frames_written
         if summary.frames < n_out:
-            # A truncated video decodes fewer frames on the second pass than it promised: end with its last frame.
+            # The second decode gave fewer frames than the analysis pass saw (a file changing under us).
             raise DubberError(f"video ended early: {summary.frames} of {n_out} frames decoded", face_path)
     summary.seconds = time.perf_counter() - started
     summary.model_seconds = generator.seconds

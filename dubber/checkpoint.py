@@ -41,6 +41,7 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

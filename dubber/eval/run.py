@@ -242,7 +242,7 @@ class Evaluator:
             sheet.append((name, crops))
         if sheet_dir is not None:
             _contact_sheet(sheet_dir / f"{clip.name}.png", sheet, valid)
-            _sync_plot(sheet_dir / f"{clip.name}_sync.png", curves, fps)
+            _sync_plot(sheet_dir / f"{clip.name}_sync.png", curves)
         return rows
 
 
@@ -288,7 +288,7 @@ def _contact_sheet(path: Path, rows, valid) -> None:
     media.write_image(path, np.vstack(lines))
 
 
-def _sync_plot(path: Path, curves: Dict[str, tuple], fps: float) -> None:
+def _sync_plot(path: Path, curves: Dict[str, tuple]) -> None:
     """One panel per system: mouth aperture (green) over the speech envelope (white), both
     high-passed as in metrics.aperture_envelope_sync and standardised, with r at lag 0."""
     width, height = 900, 110

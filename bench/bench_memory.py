@@ -164,22 +164,15 @@ def _ffmpeg(args, **kwargs):
 def make_input(folder: Path, minutes: float, size=(1280, 720), fps: float = 25.0) -> tuple:
     """A `minutes`-long video of a moving face and a speech-like track of the same length."""
     import helpers
-    from dubber.media import ffmpeg_exe
+    from dubber.media import VideoWriter
 
     seconds = minutes * 60
     segment, video = folder / "segment.mp4", folder / f"face_{size[1]}p_{minutes:g}min.mp4"
     speech_segment, speech = folder / "segment.wav", folder / f"speech_{minutes:g}min.wav"
     width, height = size
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo",
-           "-pix_fmt", "bgr24", "-s", f"{width}x{height}", "-framerate", f"{fps:g}", "-i", "-",
-           "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-g", str(int(2 * fps)), "-pix_fmt", "yuv420p",
-           str(segment)]
-    encoder = subprocess.Popen(cmd, stdin=subprocess.PIPE)
-    for i in range(int(round(min(SEGMENT_SECONDS, seconds) * fps))):  # one frame at a time: no big buffers
-        encoder.stdin.write(helpers.draw_marker(helpers.face_frame(i / fps, size), i % 1024).tobytes())
-    encoder.stdin.close()
-    if encoder.wait() != 0:
-        raise SystemExit("ffmpeg could not encode the input segment")
+    with VideoWriter(segment, fps, width, height, crf=20) as encoder:
+        for i in range(int(round(min(SEGMENT_SECONDS, seconds) * fps))):  # one frame at a time: no big buffers
+            encoder.write(helpers.draw_marker(helpers.face_frame(i / fps, size), i % 1024))
     helpers.make_tone_speech(speech_segment, min(SEGMENT_SECONDS, seconds))
     _ffmpeg(["-stream_loop", "-1", "-i", str(segment), "-t", f"{seconds:.3f}", "-c", "copy", str(video)])
     _ffmpeg(["-stream_loop", "-1", "-i", str(speech_segment), "-t", f"{seconds:.3f}", "-c:a", "pcm_s16le", str(speech)])

@@ -15,8 +15,6 @@ from dubber import media
 from dubber.errors import DubberError
 from dubber.pipeline import LipsyncOptions, lipsync
 
-MANIFEST_COLUMNS = ("face", "audio", "output")
-
 
 @dataclass
 class Job:

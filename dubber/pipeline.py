@@ -7,7 +7,6 @@ batch of frames whatever the length; the analysis is the same cache `preprocess`
 """
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -170,8 +169,10 @@ class Generator:
         self.backbone.to(device=device, dtype=self.dtype).eval()
         self.seconds = 0.0
 
-    def __call__(self, crops: List[np.ndarray], mels: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """crops: uint8 BGR [S, S, 3] x B; mels [B, 80, W] -> (uint8 BGR [B, S, S, 3], α float32 [B, S, S] or None)."""
+    def __call__(self, crops: List[np.ndarray], mels: np.ndarray) -> np.ndarray:
+        """crops: uint8 BGR [S, S, 3] x B; mels [B, 80, W] -> uint8 BGR [B, S, S, 3].
+
+        A backbone's α (DCK) is already applied inside its images: I·(1−α) + M·α."""
         import torch
 
         start = time.perf_counter()
@@ -181,9 +182,8 @@ class Generator:
             references = faces if self.backbone.needs_reference else None
             out = self.backbone(faces, mel, references)
             images = _from_tensor(out.images)
-            alpha = None if out.alpha is None else out.alpha[:, 0].float().cpu().numpy()
         self.seconds += time.perf_counter() - start
-        return images, alpha
+        return images
 
 
 def resolve_backbone(options: LipsyncOptions, is_image: bool) -> Backbone:
@@ -200,6 +200,24 @@ def blend_mode(options: LipsyncOptions, backbone: Backbone) -> str:
     if mode not in BLEND_MODES:
         raise DubberError(f"unknown blend mode {mode!r}; choose auto, {', '.join(BLEND_MODES)}")
     return mode
+
+
+class PasteMask:
+    """The crop-space mask paste_back blends under, per blend mode.
+
+    "alpha": the backbone's α is already inside its images, so pasting their change under the
+    crop's feathered border applies it once (the same mask every frame, built once). Otherwise a
+    soft lower-face mask from the frame's landmarks.
+    """
+
+    def __init__(self, mode: str, size: int):
+        self.mode, self.size = mode, size
+        self.border = border_mask(size) if mode == "alpha" else None
+
+    def __call__(self, landmarks: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        if self.border is not None:
+            return self.border
+        return lower_face_mask(transform_points(landmarks, matrix), self.size)
 
 
 def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
@@ -227,6 +245,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     order = pingpong(n_out, len(analysis.track))
     spec = backbone.crop
     transforms = crop_transforms(analysis.track.landmarks, spec)[order]
+    paste_mask = PasteMask(mode, spec.size)
     landmarks = analysis.track.landmarks[order]
     mel = audio.log_mel(wav)
     del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
@@ -247,18 +266,13 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
                 generated = None
                 if crops:
                     mels = audio.mel_windows(mel, np.array(faces) / fps, backbone.mel_width)
-                    # With "alpha" blending the backbone's α is already inside its images
-                    # (I·(1−α) + M·α), so pasting their change under the border mask applies it once.
-                    generated, _ = generator(crops, mels)
+                    generated = generator(crops, mels)
                 for i, frame in pending:
                     if i in faces:
                         j = faces.index(i)
                         matrix = transforms[i]
-                        if mode == "alpha":
-                            mask = border_mask(spec.size)
-                        else:
-                            mask = lower_face_mask(transform_points(landmarks[i], matrix), spec.size)
-                        frame = paste_back(frame, crops[j], generated[j], matrix, mask, mode, options.colour_match)
+                        frame = paste_back(frame, crops[j], generated[j], matrix, paste_mask(landmarks[i], matrix),
+                                           mode, options.colour_match)
                         summary.faces += 1
                     else:
                         summary.passed_through += 1
@@ -383,6 +397,7 @@ def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, ou
     fps = float(cache["fps"])
     duration = len(transforms) / fps
     step = _hook(progress, "blend", len(transforms))
+    paste_mask = PasteMask(mode, size)
     with media.atomic_output(output) as tmp:
         with media.VideoWriter(tmp, fps, int(cache["width"]), int(cache["height"]), audio_source, duration) as writer:
             for t, (frame, crop) in enumerate(zip(frames, generated)):
@@ -391,8 +406,7 @@ def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, ou
                     summary.passed_through += 1
                 else:
                     original = warp_crop(frame, matrix, size)
-                    mask = border_mask(size) if mode == "alpha" else lower_face_mask(transform_points(landmarks[t], matrix), size)
-                    frame = paste_back(frame, original, crop, matrix, mask, mode, colour_match)
+                    frame = paste_back(frame, original, crop, matrix, paste_mask(landmarks[t], matrix), mode, colour_match)
                     summary.faces += 1
                 writer.write(frame)
                 step(1)

@@ -122,6 +122,7 @@ class Evaluator:
             raise DubberError(f"unknown eval mode {mode!r}; choose video or photo")
         self.backbones, self.mode, self.sync_expert = list(backbones), mode, sync_expert
         self.device, self.dub, self.log = device, dub, log
+        self._speech_cache: Dict[int, tuple] = {}
 
     def systems(self) -> List[str]:
         names = list(BASELINES) + self.backbones
@@ -154,24 +155,32 @@ class Evaluator:
                 out[t] = predict_landmarks(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), boxes[t])
         return out
 
+    def _speech(self, wav: np.ndarray, n: int, fps: float):
+        """(envelope [n], mel windows [n, 80, 16] or None) at the frame times, once per speech track:
+        ground truth, static frame and the backbones share the clip's own speech."""
+        key = id(wav)
+        if key not in self._speech_cache:
+            times = np.arange(n) / fps
+            mels = audio.mel_windows(audio.log_mel(wav), times, 16) if self.sync_expert is not None else None
+            self._speech_cache[key] = (wav, audio.envelope(wav, times), mels)  # wav kept: its id stays unique
+        return self._speech_cache[key][1:]
+
     def _sync(self, frames, landmarks, wav, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
-        times = np.arange(len(frames)) / fps
         result: Dict[str, float] = {}
+        loudness, mels = self._speech(wav, len(frames), fps)
         aperture = metrics.mouth_aperture(np.nan_to_num(landmarks))[valid]
-        env = audio.envelope(wav, times)[valid]
+        env = loudness[valid]
         corr = metrics.aperture_envelope_sync(aperture, env, fps)
         result.update(av_corr=corr.corr_at_zero, av_best_corr=corr.best_corr, av_best_lag=corr.best_lag)
         if curves is not None:
             window = max(3, int(round(metrics.HIGH_PASS_SECONDS * fps)) | 1)
             curves.append((metrics.high_pass(aperture, window), metrics.high_pass(env, window), corr.corr_at_zero))
         if self.sync_expert is not None:
-            from dubber.eval.syncnet import sync_scores
+            from dubber.eval.syncnet import mouths_from_faces, sync_scores
 
             transforms = crop_transforms(np.nan_to_num(landmarks), SYNC_CROP)
             faces = np.stack([warp_crop(f, m, SYNC_CROP.size)[..., ::-1] for f, m in zip(frames, transforms)])
-            mouths = faces[:, SYNC_CROP.size // 2:]
-            mels = audio.mel_windows(audio.log_mel(wav), times, 16)
-            loudness = audio.envelope(wav, times)
+            mouths = mouths_from_faces(faces)
             speech = loudness > SPEECH_LEVEL * np.percentile(loudness, 95)
             scores = sync_scores(self.sync_expert, mouths, mels, speech=speech & valid)
             result.update(lse_d=scores["lse_d"], lse_c=scores["lse_c"], lse_d0=scores["lse_d0"],
@@ -182,6 +191,7 @@ class Evaluator:
 
     def score_clip(self, clip: Clip, workdir: Path, sheet_dir: Optional[Path] = None,
                    next_clip: Optional[Clip] = None) -> List[Dict[str, object]]:
+        self._speech_cache.clear()
         info = media.probe(clip.path)
         if not (info.has_video and info.has_audio):
             raise DubberError("evaluation clips need video and audio", clip.path)

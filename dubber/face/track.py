@@ -5,7 +5,7 @@ so it is a track rather than a per-frame guess. Frames where it is not found get
 and are passed through unchanged by the pipeline.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -31,7 +31,6 @@ class FaceTrack:
     width: int
     height: int
     faces_seen: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def valid(self) -> np.ndarray:
@@ -39,11 +38,6 @@ class FaceTrack:
 
     def __len__(self) -> int:
         return len(self.landmarks)
-
-    def take(self, indices: Sequence[int]) -> "FaceTrack":
-        """The track re-indexed (e.g. ping-pong playback order)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return FaceTrack(self.landmarks[idx], self.boxes[idx], self.width, self.height, self.faces_seen)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

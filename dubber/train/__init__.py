@@ -12,6 +12,24 @@ from dubber.errors import DubberError
 TRAINABLE = ("dck", "syncnet")
 
 
+def hardware_description(device) -> str:
+    """What trained a model, for its checkpoint's meta: GPU name, or CPU model + torch threads."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return f"{name}, {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def train_from_corpus(model: str, data_root: Path, cache_dir: Path, out_path: Path, steps: int,
                       batch_size: Optional[int] = None, device: str = "auto", grid_every: int = 3,
                       resume: bool = True, sync_expert: Optional[Path] = None,

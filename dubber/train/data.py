@@ -105,6 +105,7 @@ def _runs(valid: np.ndarray, min_length: int):
 def load_clips(items: Iterable[dict], cache_dir: Path, crop: str = "box128",
                with_faces: bool = True, with_mouths: bool = True) -> List[dict]:
     """Clip dicts (see module docstring) for the cached items that have speech."""
+    from dubber.eval.syncnet import mouths_from_faces
     from dubber.pipeline import load_cache
 
     clips = []
@@ -124,7 +125,7 @@ def load_clips(items: Iterable[dict], cache_dir: Path, crop: str = "box128",
             if with_faces:
                 clip["faces"] = cache[f"crops_{crop}"][a:b]
             if with_mouths:
-                clip["mouths"] = cache["crops_face96"][a:b, 48:]
+                clip["mouths"] = mouths_from_faces(cache["crops_face96"][a:b])
             clips.append(clip)
     if not clips:
         raise DubberError("no usable clips (is the cache built? does the data have speech?)", cache_dir)

@@ -22,7 +22,6 @@ the target, reference and blend base of a sample so the target stays reachable.
 """
 
 import datetime
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from dubber.backbones.dck import SIZE, DCK, PatchDiscriminator
 from dubber.checkpoint import save_atomic, save_model
 from dubber.errors import DubberError
+from dubber.train import hardware_description
 
 BATCH_SIZE = 16
 LEARNING_RATE = 2e-4
@@ -169,7 +169,7 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
         "lr": lr,
         "resolution": size,
         "losses": {k: v for k, v in history[-1].items() if k != "step"} if history else {},
-        "hardware": _hardware(device),
+        "hardware": hardware_description(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(data_meta or {}),
     }
@@ -286,19 +286,6 @@ def _mouth_weights(size: int, device: torch.device) -> torch.Tensor:
     rows = torch.ones(size, device=device)
     rows[size // 2:] = MOUTH_WEIGHT
     return (rows / rows.mean()).view(1, 1, size, 1)
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{name}, {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def _sync_loss(sync_expert: torch.nn.Module, generated: torch.Tensor, mels: torch.Tensor) -> torch.Tensor:

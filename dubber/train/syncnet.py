@@ -9,7 +9,6 @@ clips does not own 90 % of the training signal.
 """
 
 import datetime
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -19,6 +18,7 @@ import torch
 
 from dubber.checkpoint import load_package, save_model
 from dubber.errors import DubberError
+from dubber.train import hardware_description
 from dubber.eval.syncnet import (MEL_WIDTH, MOUTH_FRAMES, MOUTH_H, MOUTH_W, N_MELS, OFFSETS, SyncNet,
                                  offset_contrastive_loss)
 
@@ -132,12 +132,6 @@ def _recalibrate_batchnorm(model: SyncNet, sampler: "_Sampler", batch_size: int,
     model.eval()
 
 
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
 def resume_path(out_path: Union[str, Path]) -> Path:
     """Where train_syncnet keeps its resumable state (model + optimizer + step) beside out_path."""
     out_path = Path(out_path)
@@ -242,7 +236,7 @@ def train_syncnet(clips: Sequence[Dict[str, Any]], out_path: Union[str, Path], s
         "lr": lr,
         "loss": (f"offset-contrastive, {negatives} same-clip negatives {min_negative_offset}-{max_negative_offset} "
                  "frames away + in-batch"),
-        "hardware": _hardware(device),
+        "hardware": hardware_description(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **{f"final_{k}": v for k, v in last.items()},
     }

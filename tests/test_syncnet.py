@@ -8,15 +8,15 @@ import torch
 
 from dubber.checkpoint import load_model
 from dubber.eval import syncnet
-from dubber.eval.syncnet import (MEL_WIDTH, MOUTH_H, MOUTH_W, SyncNet, mouths_from_faces, offset_contrastive_loss,
+from dubber.eval.syncnet import (MEL_WIDTH, MOUTH_H, MOUTH_W, SyncNet, mouths_from_faces, offset_choice_loss,
                                  offset_distances, sync_loss, sync_scores)
-from dubber.train.syncnet import resume_path, train_syncnet
+from dubber.train.syncnet import WINDOWS_PER_SEGMENT, _SegmentSampler, resume_path, train_syncnet
 
 torch.set_num_threads(1)
 
 MEL_PER_FRAME = 80 / 25  # mel frames per video frame at 25 fps
 TINY = dict(base_channels=8, embed_dim=32)
-TRAIN_STEPS = 60
+TRAIN_STEPS = 100
 
 
 def synthetic_clip(rng, frames, identity, mouth_lag=0):
@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("syncnet") / "syncnet.pt"
     logs = []
     model = train_syncnet(clips, out, steps=TRAIN_STEPS, batch_size=32, lr=3e-3, log_every=TRAIN_STEPS,
-                          checkpoint_every=TRAIN_STEPS // 2, model_kwargs=TINY, negatives=2, log=logs.append)
+                          checkpoint_every=TRAIN_STEPS // 2, model_kwargs=TINY, log=logs.append)
     return model, out, clips, logs
 
 
@@ -125,16 +125,43 @@ def test_sync_loss_values():
     assert sync_loss(a, -a, torch.zeros(4)).item() < 1e-4
 
 
-def test_offset_contrastive_loss_values():
+def test_offset_choice_loss_values():
     eye = torch.eye(6)
-    face = eye[:2]  # window b matches candidate 0 of row b exactly
-    audio = torch.stack([eye[[0, 2, 3]], eye[[1, 4, 5]]])  # [B=2, K=3, D=6]
-    # At temperature 1 each row has logit 1 for its positive and 0 for the 5 others.
+    face = eye[[0, 2]]  # window b is spoken with audio row 2b exactly
+    audio = eye
+    target = torch.tensor([0, 2])
+    # At temperature 1 each window has logit 1 for its own row and 0 for the 5 others.
     expected = -math.log(math.e / (math.e + 5))
-    assert offset_contrastive_loss(face, audio, temperature=1.0).item() == pytest.approx(expected, rel=1e-5)
+    assert offset_choice_loss(face, audio, target, temperature=1.0).item() == pytest.approx(expected, rel=1e-5)
     exclude = torch.ones(2, 6, dtype=torch.bool)
-    exclude[0, 0] = exclude[1, 3] = False
-    assert offset_contrastive_loss(face, audio, exclude=exclude).item() == pytest.approx(0.0, abs=1e-6)
+    exclude[0, 0] = exclude[1, 2] = False
+    assert offset_choice_loss(face, audio, target, exclude).item() == pytest.approx(0.0, abs=1e-6)
+    # Window 0 told its audio is row 1 while row 0 (cosine 1, logit 1 / 0.2) is still a candidate:
+    # -log(e^0 / (e^5 + e^0)); window 1 has only its own row left (loss 0).
+    exclude[0, 1] = False
+    expected = math.log(1 + math.exp(5)) / 2
+    assert offset_choice_loss(face, audio, torch.tensor([1, 2]), exclude).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_segment_sampler_targets_and_near_misses():
+    rng = np.random.default_rng(0)
+    clips = [synthetic_clip(rng, 40, "anna"), synthetic_clip(rng, 50, "bert")]
+    sampler = _SegmentSampler(clips, [0, 1], np.random.default_rng(1))
+    windows, mels, target, exclude = sampler.batch(3)
+    assert windows.shape == (3 * WINDOWS_PER_SEGMENT, 5, MOUTH_H, MOUTH_W, 3)
+    assert exclude.shape == (len(windows), len(mels)) and not exclude[np.arange(len(target)), target].any()
+    # Each window's target row holds the mel window of its middle frame; the rows a frame either
+    # side of it (same clip, same segment) are excluded, the ones two frames away are negatives.
+    for b in range(len(windows)):
+        clip = next(c for c in clips if any((c["mouths"][t:t + 5] == windows[b]).all()
+                                            for t in range(len(c["mouths"]) - 4)))
+        middle = next(t for t in range(2, len(clip["mouths"]) - 2) if (clip["mouths"][t - 2:t + 3] == windows[b]).all())
+        assert np.array_equal(mels[target[b]], clip["mels"][middle])
+        for step, excluded in ((1, True), (2, False)):
+            for row in (target[b] - step, target[b] + step):
+                if 0 <= row < len(mels) and any(np.array_equal(mels[row], clip["mels"][middle + s])
+                                                for s in (-step, step) if 0 <= middle + s < len(clip["mels"])):
+                    assert exclude[b, row] == excluded
 
 
 def test_mouths_from_faces_takes_lower_half():
@@ -152,7 +179,7 @@ def test_learns_synthetic_sync(trained):
         clip = synthetic_clip(np.random.default_rng(seed), 60, identity)
         scores = sync_scores(model, clip["mouths"], clip["mels"])
         assert scores["offset"] == 0
-        assert scores["offset_accuracy"] > 0.8, (identity, scores)
+        assert scores["offset_accuracy"] > 0.6, (identity, scores)  # chance: 3 of 31 offsets
     late = synthetic_clip(np.random.default_rng(3), 60, "anna", mouth_lag=3)
     assert sync_scores(model, late["mouths"], late["mels"])["offset"] == 3
 
@@ -170,6 +197,6 @@ def test_checkpoint_round_trip_and_resume(trained):
     assert resume_path(out).is_file()
     resumed_logs = []
     train_syncnet(clips, out, steps=TRAIN_STEPS + 1, batch_size=4, lr=3e-3, log_every=1, checkpoint_every=100,
-                  negatives=2, log=resumed_logs.append)
+                  log=resumed_logs.append)
     assert resumed_logs[0].startswith("resumed") and f"at step {TRAIN_STEPS}" in resumed_logs[0]
     assert resumed_logs[1].startswith(f"step {TRAIN_STEPS + 1}/")

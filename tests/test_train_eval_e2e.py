@@ -18,7 +18,7 @@ def corpus(tmp_path_factory):
     speaker = root / "grid" / "s9"
     speaker.mkdir(parents=True)
     for k in range(3):
-        helpers.make_face_video(speaker / f"utt{k}.mp4", seconds=1.2, fps=25, size=(192, 160), audio=True, marker=False)
+        helpers.make_face_video(speaker / f"utt{k}.mp4", seconds=1.4, fps=25, size=(192, 160), audio=True, marker=False)
     (root / "manifest_wild.csv").write_text("file,audio,audio_silent,split,sync_lag_est,sync_peak_est\n")
     return root
 
@@ -47,7 +47,28 @@ def test_train_dck_then_dub_with_the_trained_weights(corpus, tmp_path):
     code, out, err = helpers.run_cli_subprocess(["lipsync", video, video, "-o", output, "--weights", weights, "-q"])
     assert code == 0, err
     frames = helpers.decode_frames(output)
-    assert len(frames) == 30 and frames[0].shape == (160, 192, 3)
+    assert len(frames) == 35 and frames[0].shape == (160, 192, 3)
+
+
+@pytest.mark.slow
+def test_train_syncnet_then_eval_with_it(corpus, tmp_path):
+    weights = tmp_path / "syncnet.pt"
+    code, out, err = helpers.run_cli_subprocess(
+        ["train", "--backbone", "syncnet", "--data", corpus, "--cache", tmp_path / "cache", "--out", weights,
+         "--steps", "2", "--batch-size", "8", "--grid-every", "1", "--device", "cpu", "-q"])
+    assert code == 0, err
+    from dubber.checkpoint import load_package
+
+    package = load_package(weights)
+    assert package["class"] == "SyncNet" and package["meta"]["steps"] == 2 and package["meta"]["data"]["clips"] == 3
+    split = tmp_path / "val.txt"
+    split.write_text("s9/utt0.mp4\n")
+    code, out, err = helpers.run_cli_subprocess(
+        ["eval", "--dataset", "grid", "--root", corpus / "grid", "--split", split, "--sync-expert", weights,
+         "--out", tmp_path / "report", "-q"])
+    assert code == 0, err
+    ground_truth = json.loads((tmp_path / "report" / "summary.json").read_text())["systems"]["ground_truth"]
+    assert 0 <= ground_truth["lse_d"] <= 2 and 0 <= ground_truth["offset_accuracy"] <= 1
 
 
 @pytest.mark.slow

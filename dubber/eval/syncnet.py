@@ -100,27 +100,23 @@ def sync_loss(face_emb: torch.Tensor, audio_emb: torch.Tensor, is_synced: torch.
     return F.binary_cross_entropy(probability, is_synced.to(probability.dtype))
 
 
-def offset_contrastive_loss(face_emb: torch.Tensor, audio_candidates: torch.Tensor,
-                            temperature: float = CONTRASTIVE_TEMPERATURE,
-                            exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """InfoNCE over audio offsets: pick each window's in-sync audio among all the batch's candidates.
+def offset_choice_loss(face_emb: torch.Tensor, audio_emb: torch.Tensor, target: torch.Tensor,
+                       exclude: Optional[torch.Tensor] = None,
+                       temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """InfoNCE over audio: each mouth window picks its own audio among all the audio it is shown.
 
-    face_emb [B, D]; audio_candidates [B, K, D]: row b's candidate 0 is window b's in-sync audio,
-    1..K-1 the same clip's audio at wrong offsets (all unit norm). Window b is scored against all
-    B*K candidates, so the other rows' audio serves as extra negatives at no cost; target: b*K.
-    exclude [B, B*K] bool marks candidates that must not count as negatives (another row's audio
-    from the same moment of the same clip). Cross-entropy of softmax(cosine / temperature).
+    face_emb [B, D], audio_emb [A, D] (unit norm); target [B] int: the row of audio_emb each window
+    was spoken with; exclude [B, A] bool marks rows that must not count as negatives (the same
+    clip within a frame of the truth, which offset search counts as right). Cross-entropy of
+    softmax(cosine / temperature) over the rows left.
 
-    Why not Wav2Lip's BCE on one pair at a time: each step here contrasts every window with hard
-    negatives of the same speaker (the very decision offset search makes) plus B*K easy ones, and on
-    little data it leaves the chance plateau within a hundred steps where BCE sits at log 2 for
-    thousands.
+    Why not Wav2Lip's BCE on one pair at a time: shown the same clip's audio at every offset the
+    evaluation searches, the model is trained on the very decision offset search makes; on little
+    data, BCE sits at log 2 for thousands of steps.
     """
-    batch, candidates, dim = audio_candidates.shape
-    logits = face_emb @ audio_candidates.reshape(batch * candidates, dim).T / temperature
+    logits = face_emb @ audio_emb.T / temperature
     if exclude is not None:
         logits = logits.masked_fill(exclude, float("-inf"))
-    target = torch.arange(batch, device=logits.device) * candidates
     return F.cross_entropy(logits, target)
 
 

@@ -8,7 +8,7 @@ from dubber.backbones import CROP_BOX, CropSpec, load_backbone
 from dubber.backbones.dck import DCK
 from dubber.checkpoint import save_model
 from dubber.errors import DubberError
-from dubber.train.dck import MIN_CLIP_FRAMES, MIN_FRAME_GAP, ClipSampler, _sync_loss, train_dck
+from dubber.train.dck import MIN_CLIP_FRAMES, MIN_FRAME_GAP, ClipSampler, _expert_mouths, _sync_loss, train_dck
 
 torch.set_num_threads(1)
 
@@ -29,7 +29,10 @@ def synthetic_clip(identity: str, frames: int, size: int, seed: int) -> dict:
         faces[t] = image.astype(np.uint8)
     mels = np.full((frames, 80, 16), -4.0, np.float32)
     mels[:, :40] += 8 * openness[:, None, None].astype(np.float32)
-    return {"faces": faces, "mels": mels, "identity": identity, "name": f"{identity}-{seed}"}
+    scale = size / 96  # the aligned face is the whole crop, scaled (pixel centres kept)
+    crop_from_face96 = np.tile(np.array([[scale, 0, scale / 2 - 0.5], [0, scale, scale / 2 - 0.5]], np.float32), (frames, 1, 1))
+    return {"faces": faces, "mels": mels, "identity": identity, "name": f"{identity}-{seed}",
+            "crop_from_face96": crop_from_face96}
 
 
 def random_inputs(batch: int, size: int, seed: int = 0):
@@ -226,14 +229,28 @@ def test_sync_windows_stack_frames_in_order():
     """The expert gets frame 0 RGB, frame 1 RGB, ... of each window, and the middle frame's mel."""
     generated = torch.rand(10, 3, 64, 64)
     mels = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 1, 80, 16)
+    crop_from_face96 = torch.tensor([[0.6, 0.1, 2.0], [-0.1, 0.6, 3.0]]).expand(10, 2, 3)
     expert = FakeSyncExpert(embeddings=False)
     captured = {}
     expert.register_forward_hook(lambda module, args, out: captured.update(windows=args[0], mels=args[1]))
-    _sync_loss(expert, generated, mels)
-    mouths = torch.nn.functional.interpolate(generated[:, :, 32:], size=(48, 96), mode="bilinear",
-                                             align_corners=False, antialias=True)
+    _sync_loss(expert, generated, mels, crop_from_face96)
+    mouths = _expert_mouths(generated, crop_from_face96)
     torch.testing.assert_close(captured["windows"][1, 6:9], mouths[7])  # window 1, frame 2 = row 7
     assert captured["mels"][:, 0, 0, 0].tolist() == [2.0, 7.0]
+
+
+def test_expert_mouths_follow_the_affine():
+    """Bilinear sampling of a linear ramp is exact: mouth pixel (row i, column j) of the aligned face
+    shows the crop at crop_from_face96 @ (j, 48 + i, 1)."""
+    ys, xs = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    images = torch.stack([xs, ys, xs + ys])[None]  # [1, 3, 128, 128]
+    affine = torch.tensor([[[0.9, 0.2, 10.0], [-0.15, 0.8, 20.0]]])  # rotation, scale, shift, inside the crop
+    mouths = _expert_mouths(images, affine)
+    assert mouths.shape == (1, 3, 48, 96)
+    for i, j in ((0, 0), (10, 50), (47, 95)):
+        x, y = (affine[0] @ torch.tensor([j, 48.0 + i, 1.0])).tolist()
+        assert mouths[0, 0, i, j].item() == pytest.approx(x, abs=1e-3)
+        assert mouths[0, 1, i, j].item() == pytest.approx(y, abs=1e-3)
 
 
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path):

@@ -9,7 +9,7 @@ from dubber.backbones import CROP_BOX, CROP_FACE, CROP_LIPS, CropSpec
 from dubber.blend import border_mask, lower_face_mask, match_colour, paste_back
 from dubber.checkpoint import load_model, load_package, save_model
 from dubber.errors import DubberError
-from dubber.face.align import TEMPLATE, crop_transforms, inverse_affine, stable_points, transform_points, warp_crop
+from dubber.face.align import TEMPLATE, compose_affine, crop_transforms, inverse_affine, stable_points, transform_points, warp_crop
 from dubber.pipeline import pingpong
 
 
@@ -67,6 +67,18 @@ def test_crop_transform_maps_stable_points_to_template(kind):
     if kind == CROP_FACE:
         assert np.allclose(mapped, TEMPLATE * 128, atol=1.5)
     assert np.allclose(inverse_affine(inverse_affine(matrix)), matrix, atol=1e-4)
+
+
+def test_affines_compose_and_invert_in_batches():
+    rng = np.random.default_rng(0)
+    outer, inner = rng.normal(size=(4, 2, 3)), rng.normal(size=(4, 2, 3))
+    points = rng.normal(size=(4, 5, 2))
+    composed = compose_affine(outer, inner)
+    for k in range(4):  # outer after inner, frame by frame
+        expected = transform_points(transform_points(points[k], inner[k]), outer[k])
+        assert np.allclose(transform_points(points[k], composed[k]), expected, atol=1e-4)
+    identity = compose_affine(outer, inverse_affine(outer))
+    assert np.allclose(identity, np.tile(np.eye(2, 3), (4, 1, 1)), atol=1e-4)
 
 
 def test_box_crop_is_unrotated():

@@ -102,10 +102,17 @@ def crop_transforms(landmarks: np.ndarray, spec: CropSpec, smooth: bool = True) 
 
 
 def inverse_affine(matrix: np.ndarray) -> np.ndarray:
-    """Inverse of a [2, 3] affine (crop->frame when given frame->crop)."""
-    linear = matrix[:, :2].astype(np.float64)
+    """Inverse of a [..., 2, 3] affine (crop->frame when given frame->crop)."""
+    linear = matrix[..., :2].astype(np.float64)
     inv = np.linalg.inv(linear)
-    return np.concatenate([inv, -inv @ matrix[:, 2:3]], axis=1).astype(np.float32)
+    return np.concatenate([inv, -inv @ matrix[..., 2:3]], axis=-1).astype(np.float32)
+
+
+def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """[..., 2, 3] affines -> outer after inner, [..., 2, 3] (e.g. crop<-frame after frame<-face)."""
+    linear = outer[..., :2] @ inner[..., :2]
+    shift = outer[..., :2] @ inner[..., 2:3] + outer[..., 2:3]
+    return np.concatenate([linear, shift], axis=-1).astype(np.float32)
 
 
 def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ repository: nothing cut from the data is ever committed). `load_clips` turns cac
 clip dicts for the trainers:
 
     {"name", "identity", "split", "fps", "faces": uint8 RGB [T, S, S, 3] (a crop kind),
+     "crop_from_face96": float32 [T, 2, 3] (pixel affine from the 96² aligned face to that crop),
      "mouths": uint8 RGB [T, 48, 96, 3] (lower half of the 96² aligned face), "mels": [T, 80, 16]}
 
 Each clip is a run of consecutive frames where the face was found. Audio windows are taken at
@@ -106,6 +107,7 @@ def load_clips(items: Iterable[dict], cache_dir: Path, crop: str = "box128",
                with_faces: bool = True, with_mouths: bool = True) -> List[dict]:
     """Clip dicts (see module docstring) for the cached items that have speech."""
     from dubber.eval.syncnet import mouths_from_faces
+    from dubber.face.align import compose_affine, inverse_affine
     from dubber.pipeline import load_cache
 
     clips = []
@@ -124,6 +126,9 @@ def load_clips(items: Iterable[dict], cache_dir: Path, crop: str = "box128",
                     "mels": mels[a:b], "landmarks": cache["landmarks"][a:b]}
             if with_faces:
                 clip["faces"] = cache[f"crops_{crop}"][a:b]
+                # Where the sync expert's aligned mouth lies in these crops (dubber.train.dck's sync loss).
+                clip["crop_from_face96"] = compose_affine(cache[f"transform_{crop}"][a:b],
+                                                          inverse_affine(cache["transform_face96"][a:b]))
             if with_mouths:
                 clip["mouths"] = mouths_from_faces(cache["crops_face96"][a:b])
             clips.append(clip)

@@ -45,7 +45,7 @@ ADV_START = 2000  # steps; before this the GAN would judge blurry faces and only
 MOUTH_WEIGHT = 3.0  # L1 weight of the lower half of the crop relative to the upper half
 SYNC_WEIGHT = 0.3  # Wav2Lip's 0.03 : 0.97 sync-to-L1 ratio, times our LAMBDA_REC
 SYNC_WINDOW = 5  # consecutive frames the lip-sync expert judges (0.2 s at 25 fps)
-SYNC_MOUTH_SIZE = (48, 96)  # (H, W) of the expert's mouth crop: lower half of a 96x96 face (dubber.eval.syncnet)
+SYNC_FACE_SIZE = 96  # the expert's mouth crop is the lower half of a 96x96 aligned face (dubber.eval.syncnet)
 DONOR_CENTRE, DONOR_RADII = (0.5, 0.80), (0.30, 0.22)  # crop fractions: mouth and chin of the box crop
 DONOR_FEATHER = 0.3  # width of the ellipse's soft edge, in units of its radius
 MIN_FRAME_GAP = 5  # frames between the target and its reference / mouth donor (different mouths)
@@ -60,6 +60,7 @@ SEED = 0
 CHECKPOINT_FORMAT = "dck-train-1"
 
 Clip = Dict[str, object]  # "faces" uint8 [T, S, S, 3] RGB, "mels" float32 [T, 80, 16], "identity", "name"
+# (+ "crop_from_face96" float32 [T, 2, 3] for the sync loss; dubber.train.data.load_clips gives all)
 
 
 def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, batch_size: int = BATCH_SIZE,
@@ -78,18 +79,20 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
     `checkpoint_every` steps and at the end; with `resume` an existing one is continued, so calling
     again with a larger `steps` trains further.
     sync_expert (optional, kept frozen): called as expert(mouth_windows [N, 15, 48, 96] in [0, 1],
-    mels [N, 1, 80, 16]) where a mouth window is the lower halves of 5 consecutive generated frames
-    resized to 48x96 and stacked frame-major (frame 0 RGB, frame 1 RGB, ...) and the mel window is
-    the middle frame's; it returns P(in sync) [N], or (face_emb, audio_emb) [N, D] whose cosine
-    similarity is taken as P, as dubber.eval.syncnet.SyncNet does. With it, batches are made of
-    windows of 5 consecutive frames.
+    mels [N, 1, 80, 16]) where a mouth window is 5 consecutive generated frames warped to the
+    expert's view (the lower half of the 96x96 aligned face, through the clips'
+    "crop_from_face96") and stacked frame-major (frame 0 RGB, frame 1 RGB, ...), and the mel
+    window is the middle frame's; it returns P(in sync) [N], or (face_emb, audio_emb) [N, D] whose
+    cosine similarity is taken as P, as dubber.eval.syncnet.SyncNet does. With it, batches are
+    made of windows of 5 consecutive frames.
     data_meta: entries for the shipped file's meta, e.g. {"data": "<what corpus, which split>"};
     the clip statistics are recorded under "data_stats" either way.
     Returns the logged history: one dict of mean losses per `log_every` steps.
     """
     out_path = Path(out_path)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else out_path.with_name(out_path.stem + ".train.pt")
-    sampler = ClipSampler(clips, size, window=SYNC_WINDOW if sync_expert is not None else 1)
+    sampler = ClipSampler(clips, size, window=SYNC_WINDOW if sync_expert is not None else 1,
+                          with_mouth_geometry=sync_expert is not None)
     if sync_expert is not None and batch_size < SYNC_WINDOW:
         raise DubberError(f"batch size must be at least {SYNC_WINDOW} with a sync expert")
     device = torch.device(device)
@@ -116,7 +119,7 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
     while step < steps:
         rng = np.random.default_rng([seed, step])  # per-step stream: a resumed run draws what it would have
         batch = sampler.batch(batch_size, rng)
-        targets, references, bases, mels = _augment_batch(batch, rng, device, sampler.window)
+        targets, references, bases, mels, flipped = _augment_batch(batch, rng, device, sampler.window)
         adversarial = step >= adv_start
 
         generated = model(bases, mels, references).images
@@ -128,7 +131,8 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
             loss_g = loss_g + adv_weight * g_adv
             losses["g_adv"] = g_adv.item()
         if sync_expert is not None and adversarial:
-            sync = _sync_loss(sync_expert, generated, mels)
+            crop_from_face96 = torch.from_numpy(batch["crop_from_face96"]).to(device)
+            sync = _sync_loss(sync_expert, torch.where(flipped, generated.flip(-1), generated), mels, crop_from_face96)
             loss_g = loss_g + sync_weight * sync
             losses["sync"] = sync.item()
         opt_g.zero_grad(set_to_none=True)
@@ -182,8 +186,9 @@ class ClipSampler:
     """Draws training frames by identity: identity uniformly, then a clip, then a frame (or a window
     of `window` consecutive frames)."""
 
-    def __init__(self, clips: Sequence[Clip], size: int, window: int = 1):
+    def __init__(self, clips: Sequence[Clip], size: int, window: int = 1, with_mouth_geometry: bool = False):
         self.window = window
+        self.with_mouth_geometry = with_mouth_geometry
         by_identity: Dict[str, List[Clip]] = defaultdict(list)
         for clip in clips:
             faces, mels = clip["faces"], clip["mels"]
@@ -194,6 +199,8 @@ class ClipSampler:
             if mels.ndim != 3 or mels.shape[0] != faces.shape[0] or mels.shape[1] != 80:
                 raise DubberError(f"clip {name!r}: mels must be [T, 80, W] with T = {faces.shape[0]}, "
                                   f"got {tuple(mels.shape)}")
+            if with_mouth_geometry and np.shape(clip.get("crop_from_face96")) != (faces.shape[0], 2, 3):
+                raise DubberError(f"clip {name!r}: the sync loss needs 'crop_from_face96' [T, 2, 3]")
             if faces.shape[0] >= max(window, MIN_CLIP_FRAMES):
                 by_identity[str(clip["identity"])].append(clip)
         self.skipped = len(clips) - sum(len(group) for group in by_identity.values())
@@ -213,7 +220,8 @@ class ClipSampler:
         }
 
     def batch(self, batch_size: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-        """-> "targets", "references", "donors" uint8 [B, S, S, 3] and "mels" float32 [B, 80, W];
+        """-> "targets", "references", "donors" uint8 [B, S, S, 3], "mels" float32 [B, 80, W] (and
+        the targets' "crop_from_face96" [B, 2, 3] with with_mouth_geometry);
         with window > 1, B = (batch_size // window) * window and each run of `window` rows is
         consecutive frames of one clip."""
         rows = defaultdict(list)
@@ -228,6 +236,8 @@ class ClipSampler:
                 rows["references"].append(faces[_distant_frame(faces.shape[0], t, rng)])
                 rows["donors"].append(faces[_distant_frame(faces.shape[0], t, rng)])
                 rows["mels"].append(mels[t])
+                if self.with_mouth_geometry:
+                    rows["crop_from_face96"].append(clip["crop_from_face96"][t])
         return {key: np.stack(value) for key, value in rows.items()}
 
 
@@ -250,9 +260,9 @@ def _distant_frame(length: int, t: int, rng: np.random.Generator) -> int:
 
 
 def _augment_batch(batch: Dict[str, np.ndarray], rng: np.random.Generator, device: torch.device, window: int = 1):
-    """uint8 batch -> float tensors on device: targets, references, blend bases [B, 3, S, S] in [0, 1]
-    and mels [B, 1, 80, W]. Flip and jitter are drawn per run of `window` rows (one sample, or one
-    window of consecutive frames) and applied to all three images."""
+    """uint8 batch -> float tensors on device: targets, references, blend bases [B, 3, S, S] in [0, 1],
+    mels [B, 1, 80, W] and flipped bool [B, 1, 1, 1]. Flip and jitter are drawn per run of `window`
+    rows (one sample, or one window of consecutive frames) and applied to all three images."""
     def to_tensor(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
 
@@ -278,7 +288,7 @@ def _augment_batch(batch: Dict[str, np.ndarray], rng: np.random.Generator, devic
     region = _donor_region(targets.shape[-1], device)
     bases = targets * (1 - region) + donors * region
     mels = torch.from_numpy(batch["mels"]).to(device).float().unsqueeze(1)
-    return targets, references, bases, mels
+    return targets, references, bases, mels, flip[0]
 
 
 def _mouth_weights(size: int, device: torch.device) -> torch.Tensor:
@@ -288,13 +298,26 @@ def _mouth_weights(size: int, device: torch.device) -> torch.Tensor:
     return (rows / rows.mean()).view(1, 1, size, 1)
 
 
-def _sync_loss(sync_expert: torch.nn.Module, generated: torch.Tensor, mels: torch.Tensor) -> torch.Tensor:
-    """-log P(in sync) of windows of SYNC_WINDOW consecutive generated frames, averaged."""
-    count, _, size, _ = generated.shape
-    windows = count // SYNC_WINDOW
-    mouths = F.interpolate(generated[:, :, size // 2:], size=SYNC_MOUTH_SIZE, mode="bilinear",
-                           align_corners=False, antialias=True)
-    mouth_windows = mouths.reshape(windows, SYNC_WINDOW * 3, *SYNC_MOUTH_SIZE)  # rows are frame-major
+def _expert_mouths(images: torch.Tensor, crop_from_face96: torch.Tensor) -> torch.Tensor:
+    """Crops [N, 3, S, S] -> the expert's mouth view [N, 3, 48, 96]: rows 48-95 of the 96x96 aligned
+    face, resampled (bilinear, differentiable) through the pixel affines crop_from_face96 [N, 2, 3]."""
+    size = images.shape[-1]
+    half = SYNC_FACE_SIZE // 2
+    ys, xs = torch.meshgrid(torch.arange(half, SYNC_FACE_SIZE, device=images.device, dtype=images.dtype),
+                            torch.arange(SYNC_FACE_SIZE, device=images.device, dtype=images.dtype), indexing="ij")
+    points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # [48, 96, 3] face pixel centres
+    in_crop = torch.einsum("hwk,nck->nhwc", points, crop_from_face96.to(images.dtype))  # [N, 48, 96, 2]
+    grid = (2 * in_crop + 1) / size - 1  # pixel centres -> grid_sample's [-1, 1] (align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _sync_loss(sync_expert: torch.nn.Module, generated: torch.Tensor, mels: torch.Tensor,
+               crop_from_face96: torch.Tensor) -> torch.Tensor:
+    """-log P(in sync) of windows of SYNC_WINDOW consecutive generated frames [N, 3, S, S] (unflipped),
+    seen as the expert sees real video (_expert_mouths), averaged."""
+    windows = generated.shape[0] // SYNC_WINDOW
+    mouths = _expert_mouths(generated, crop_from_face96)
+    mouth_windows = mouths.reshape(windows, SYNC_WINDOW * 3, *mouths.shape[-2:])  # rows are frame-major
     centre_mels = mels.view(windows, SYNC_WINDOW, *mels.shape[1:])[:, SYNC_WINDOW // 2]
     out = sync_expert(mouth_windows, centre_mels)
     if isinstance(out, (tuple, list)):

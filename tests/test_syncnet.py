@@ -10,7 +10,7 @@ from dubber.checkpoint import load_model
 from dubber.eval import syncnet
 from dubber.eval.syncnet import (MEL_WIDTH, MOUTH_H, MOUTH_W, SyncNet, mouths_from_faces, offset_choice_loss,
                                  offset_distances, sync_loss, sync_scores)
-from dubber.train.syncnet import WINDOWS_PER_SEGMENT, _SegmentSampler, resume_path, train_syncnet
+from dubber.train.syncnet import WINDOWS_PER_SEGMENT, _SegmentSampler, resume_path, speech_frames, train_syncnet
 
 torch.set_num_threads(1)
 
@@ -141,6 +141,13 @@ def test_offset_choice_loss_values():
     exclude[0, 1] = False
     expected = math.log(1 + math.exp(5)) / 2
     assert offset_choice_loss(face, audio, torch.tensor([1, 2]), exclude).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_speech_frames_skip_pauses():
+    mels = np.full((20, 80, MEL_WIDTH), -4.0, np.float32)  # silence
+    mels[5:12] = 1.0  # speech
+    mels[8, :, :6] = -4.0  # speech whose window starts in a pause: its centre still speaks
+    assert speech_frames(mels).tolist() == [5 <= t < 12 for t in range(20)]
 
 
 def test_segment_sampler_targets_and_near_misses():

@@ -23,12 +23,18 @@ def corpus(tmp_path_factory):
     return root
 
 
+def train(backbone, corpus, tmp_path, steps, batch_size):
+    """`dubber train` on the tiny corpus -> (exit code, stdout, stderr, weights path)."""
+    weights = tmp_path / f"{backbone}.pt"
+    code, out, err = helpers.run_cli_subprocess(
+        ["train", "--backbone", backbone, "--data", corpus, "--cache", tmp_path / "cache", "--out", weights,
+         "--steps", str(steps), "--batch-size", str(batch_size), "--grid-every", "1", "--device", "cpu", "-q"])
+    return code, out, err, weights
+
+
 @pytest.mark.slow
 def test_train_dck_then_dub_with_the_trained_weights(corpus, tmp_path):
-    weights = tmp_path / "dck.pt"
-    code, out, err = helpers.run_cli_subprocess(
-        ["train", "--backbone", "dck", "--data", corpus, "--cache", tmp_path / "cache", "--out", weights,
-         "--steps", "2", "--batch-size", "2", "--grid-every", "1", "--device", "cpu", "-q"])
+    code, out, err, weights = train("dck", corpus, tmp_path, steps=2, batch_size=2)
     assert code == 0, err
     assert weights.is_file() and out.strip().endswith("dck.pt")
     from dubber.checkpoint import load_package
@@ -36,9 +42,7 @@ def test_train_dck_then_dub_with_the_trained_weights(corpus, tmp_path):
     meta = load_package(weights)["meta"]
     assert meta["steps"] == 2 and meta["resolution"] == 128 and "data" in meta
     # Resume: asking for more steps continues from the training checkpoint.
-    code, _, err = helpers.run_cli_subprocess(
-        ["train", "--backbone", "dck", "--data", corpus, "--cache", tmp_path / "cache", "--out", weights,
-         "--steps", "3", "--batch-size", "2", "--grid-every", "1", "--device", "cpu", "-q"])
+    code, _, err, _ = train("dck", corpus, tmp_path, steps=3, batch_size=2)
     assert code == 0, err
     assert load_package(weights)["meta"]["steps"] == 3
 
@@ -52,10 +56,7 @@ def test_train_dck_then_dub_with_the_trained_weights(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_train_syncnet_then_eval_with_it(corpus, tmp_path):
-    weights = tmp_path / "syncnet.pt"
-    code, out, err = helpers.run_cli_subprocess(
-        ["train", "--backbone", "syncnet", "--data", corpus, "--cache", tmp_path / "cache", "--out", weights,
-         "--steps", "2", "--batch-size", "8", "--grid-every", "1", "--device", "cpu", "-q"])
+    code, _, err, weights = train("syncnet", corpus, tmp_path, steps=2, batch_size=8)
     assert code == 0, err
     from dubber.checkpoint import load_package
 

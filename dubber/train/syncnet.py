@@ -1,8 +1,8 @@
 """Train the SyncNet sync expert (dubber.eval.syncnet) on per-frame mouth crops and mel windows.
 
-Training makes the decision evaluation makes. A batch holds SEGMENTS stretches of clips; each
-gives WINDOWS_PER_SEGMENT 5-frame mouth windows centred on speech, and the audio of every frame
-from 15 frames before its first window to 15 after its last. Each window must pick its own audio
+Training makes the decision evaluation makes. A batch holds batch_size / WINDOWS_PER_SEGMENT
+stretches of clips; each gives WINDOWS_PER_SEGMENT 5-frame mouth windows centred on speech, and the
+audio of every frame from SEARCH frames before its first window to SEARCH after its last. Each window must pick its own audio
 among all the batch's audio (offset_choice_loss): the same clip at every offset the evaluation
 searches (-15..15, the hard negatives) and the other segments' audio (other moments, other people).
 Audio within NEAR_MISS frames of the truth is left out: evaluation counts those offsets as right.
@@ -30,7 +30,7 @@ WINDOWS_PER_SEGMENT = 8  # mouth windows sharing one stretch of audio (its embed
 SEGMENT_SPREAD = 8  # frames: a segment's window centres lie within this many frames of the first
 SEARCH = max(OFFSETS)  # frames: audio this far either side of a window is its hard negatives
 NEAR_MISS = 1  # frames: offsets evaluation counts as a hit are no negatives
-IDENTITY_POWER = 0.5
+IDENTITY_POWER = 0.5  # identity drawn with probability ~ (its speech frames) ** this
 SPEECH_FRACTION = 0.3  # a frame has speech when its loudness is this far from the clip's 5th to 95th percentile
 BRIGHTNESS_JITTER = 0.1  # added to [0, 1] pixels, uniform +-
 CONTRAST_JITTER = 0.2  # contrast scaled by 1 +- this

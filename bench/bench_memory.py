@@ -154,13 +154,6 @@ class Sampler(threading.Thread):
 # making the input
 
 
-def _ffmpeg(args, **kwargs):
-    from dubber.media import ffmpeg_exe
-
-    return subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"] + args,
-                          check=True, **kwargs)
-
-
 def make_input(folder: Path, minutes: float, size=(1280, 720), fps: float = 25.0) -> tuple:
     """A `minutes`-long video of a moving face and a speech-like track of the same length."""
     import helpers
@@ -174,8 +167,8 @@ def make_input(folder: Path, minutes: float, size=(1280, 720), fps: float = 25.0
         for i in range(int(round(min(SEGMENT_SECONDS, seconds) * fps))):  # one frame at a time: no big buffers
             encoder.write(helpers.draw_marker(helpers.face_frame(i / fps, size), i % 1024))
     helpers.make_tone_speech(speech_segment, min(SEGMENT_SECONDS, seconds))
-    _ffmpeg(["-stream_loop", "-1", "-i", str(segment), "-t", f"{seconds:.3f}", "-c", "copy", str(video)])
-    _ffmpeg(["-stream_loop", "-1", "-i", str(speech_segment), "-t", f"{seconds:.3f}", "-c:a", "pcm_s16le", str(speech)])
+    helpers.run_ffmpeg(["-stream_loop", "-1", "-i", str(segment), "-t", f"{seconds:.3f}", "-c", "copy", str(video)])
+    helpers.run_ffmpeg(["-stream_loop", "-1", "-i", str(speech_segment), "-t", f"{seconds:.3f}", "-c:a", "pcm_s16le", str(speech)])
     segment.unlink()
     speech_segment.unlink()
     return video, speech

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from dubber.errors import DubberError
+from dubber.media import VIDEO_CRF
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a face (photo or video) speak a speech track, lips in sync.")
@@ -42,12 +43,6 @@ def _progress(quiet: bool):
             bar.update(tasks[stage], advance=advance)
 
         yield hook
-
-
-def media_crf() -> int:
-    from dubber.media import VIDEO_CRF
-
-    return VIDEO_CRF
 
 
 def _fail(message: str, code: int = 1):
@@ -81,7 +76,7 @@ def lipsync(
     face_index: int = typer.Option(0, help="Which face to dub, 0 = largest."),
     face_box: Optional[str] = typer.Option(None, help="Dub the face overlapping this box: x0,y0,x1,y1."),
     batch_size: int = typer.Option(16, help="Frames per backbone call."),
-    crf: int = typer.Option(media_crf(), help="H.264 quality (lower is better, 0-51)."),
+    crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (lower is better, 0-51)."),
     jobs: int = typer.Option(1, help="Parallel jobs for batches."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),

@@ -211,7 +211,7 @@ class PasteMask:
     """
 
     def __init__(self, mode: str, size: int):
-        self.mode, self.size = mode, size
+        self.size = size
         self.border = border_mask(size) if mode == "alpha" else None
 
     def __call__(self, landmarks: np.ndarray, matrix: np.ndarray) -> np.ndarray:

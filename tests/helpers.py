@@ -134,7 +134,8 @@ def run_cli_subprocess(args: Sequence[PathLike], test_backbones: bool = False, m
 # media makers
 
 
-def _ffmpeg(args: List[str], stdin: Optional[bytes] = None) -> None:
+def run_ffmpeg(args: List[str], stdin: Optional[bytes] = None) -> None:
+    """ffmpeg quietly with `args`; raises with its stderr on failure (tests and benches)."""
     cmd = [media.ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"] + args
     result = subprocess.run(cmd, input=stdin, capture_output=True)
     if result.returncode != 0:
@@ -173,7 +174,7 @@ def make_tone_speech(path: PathLike, seconds: float, rate: int = 16000, channels
     wav = speech_like(seconds, rate, channels, amplitude, seed) if amplitude > 0 else \
         np.zeros((int(round(seconds * rate)), channels), np.float32)
     codec = ["-c:a", "pcm_s16le"] if path.suffix.lower() == ".wav" else []
-    _ffmpeg(["-f", "f32le", "-ar", str(rate), "-ac", str(channels), "-i", "-"] + codec + [str(path)],
+    run_ffmpeg(["-f", "f32le", "-ar", str(rate), "-ac", str(channels), "-i", "-"] + codec + [str(path)],
             stdin=wav.tobytes())
     return path
 
@@ -285,7 +286,7 @@ def encode_frames(path: PathLike, frames: Iterable[np.ndarray], fps: float, audi
     args += ["-c:v", "libx264", "-preset", "veryfast", "-crf", str(crf), "-pix_fmt", "yuv420p"]
     if faststart:
         args += ["-movflags", "+faststart"]
-    _ffmpeg(args + list(extra) + [str(path)], stdin=b"".join(np.ascontiguousarray(f).tobytes() for f in frames))
+    run_ffmpeg(args + list(extra) + [str(path)], stdin=b"".join(np.ascontiguousarray(f).tobytes() for f in frames))
     return path
 
 
@@ -297,7 +298,7 @@ def set_rotation(source: PathLike, target: PathLike, degrees: int) -> Path:
                 ["-display_rotation", str(-degrees), "-i", str(source), "-c", "copy"]]  # ffmpeg >= 6
     for args in attempts:
         try:
-            _ffmpeg(args + [str(target)])
+            run_ffmpeg(args + [str(target)])
         except RuntimeError:
             continue
         if media.probe(target).rotation:

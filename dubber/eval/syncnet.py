@@ -152,6 +152,12 @@ def _mel_tensor(mels: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     return mels
 
 
+def window_tensor(windows: np.ndarray) -> torch.Tensor:
+    """Mouth windows uint8 [B, 5, 48, 96, 3] as stored -> float [B, 5, 3, 48, 96] in [0, 1]."""
+    windows = np.asarray(windows)
+    return _mouth_tensor(windows.reshape(-1, *windows.shape[2:])).view(windows.shape[0], MOUTH_FRAMES, 3, MOUTH_H, MOUTH_W)
+
+
 def stack_windows(mouths: torch.Tensor, starts: Iterable[int]) -> torch.Tensor:
     """mouths [T, 3, 48, 96] -> mouth windows [len(starts), 15, 48, 96]: frames s..s+4, frame-major."""
     return torch.stack([mouths[s:s + MOUTH_FRAMES].reshape(3 * MOUTH_FRAMES, MOUTH_H, MOUTH_W) for s in starts])

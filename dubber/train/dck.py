@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from dubber.backbones.dck import SIZE, DCK, PatchDiscriminator
 from dubber.checkpoint import save_atomic, save_model
 from dubber.errors import DubberError
+from dubber.eval.syncnet import FACE_SIZE as SYNC_FACE_SIZE, MOUTH_H as SYNC_MOUTH_H
 from dubber.train import hardware_description
 
 BATCH_SIZE = 16
@@ -45,7 +46,6 @@ ADV_START = 2000  # steps; before this the GAN would judge blurry faces and only
 MOUTH_WEIGHT = 3.0  # L1 weight of the lower half of the crop relative to the upper half
 SYNC_WEIGHT = 0.3  # Wav2Lip's 0.03 : 0.97 sync-to-L1 ratio, times our LAMBDA_REC
 SYNC_WINDOW = 5  # consecutive frames the lip-sync expert judges (0.2 s at 25 fps)
-SYNC_FACE_SIZE = 96  # the expert's mouth crop is the lower half of a 96x96 aligned face (dubber.eval.syncnet)
 DONOR_CENTRE, DONOR_RADII = (0.5, 0.80), (0.30, 0.22)  # crop fractions: mouth and chin of the box crop
 DONOR_FEATHER = 0.3  # width of the ellipse's soft edge, in units of its radius
 MIN_FRAME_GAP = 5  # frames between the target and its reference / mouth donor (different mouths)
@@ -299,11 +299,11 @@ def _mouth_weights(size: int, device: torch.device) -> torch.Tensor:
 
 
 def _expert_mouths(images: torch.Tensor, crop_from_face96: torch.Tensor) -> torch.Tensor:
-    """Crops [N, 3, S, S] -> the expert's mouth view [N, 3, 48, 96]: rows 48-95 of the 96x96 aligned
-    face, resampled (bilinear, differentiable) through the pixel affines crop_from_face96 [N, 2, 3]."""
+    """Crops [N, 3, S, S] -> the expert's mouth view [N, 3, 48, 96]: the rows of the 96x96 aligned face
+    that dubber.eval.syncnet.mouths_from_faces keeps, resampled (bilinear, differentiable) through
+    the pixel affines crop_from_face96 [N, 2, 3]."""
     size = images.shape[-1]
-    half = SYNC_FACE_SIZE // 2
-    ys, xs = torch.meshgrid(torch.arange(half, SYNC_FACE_SIZE, device=images.device, dtype=images.dtype),
+    ys, xs = torch.meshgrid(torch.arange(SYNC_FACE_SIZE - SYNC_MOUTH_H, SYNC_FACE_SIZE, device=images.device, dtype=images.dtype),
                             torch.arange(SYNC_FACE_SIZE, device=images.device, dtype=images.dtype), indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # [48, 96, 3] face pixel centres
     in_crop = torch.einsum("hwk,nck->nhwc", points, crop_from_face96.to(images.dtype))  # [N, 48, 96, 2]

@@ -24,7 +24,7 @@ from dubber.checkpoint import load_package, save_model
 from dubber.errors import DubberError
 from dubber.train import hardware_description
 from dubber.eval.syncnet import (MEL_WIDTH, MOUTH_FRAMES, MOUTH_H, MOUTH_W, N_MELS, OFFSETS, SyncNet,
-                                 offset_choice_loss)
+                                 offset_choice_loss, window_tensor)
 
 WINDOWS_PER_SEGMENT = 8  # mouth windows sharing one stretch of audio (its embeddings are computed once)
 SEGMENT_SPREAD = 8  # frames: a segment's window centres lie within this many frames of the first
@@ -132,7 +132,7 @@ def _augment(windows: np.ndarray, rng) -> torch.Tensor:
     """uint8 [B, 5, H, W, 3] -> float [B, 15, H, W] in [0, 1], with one jitter/flip per example
     (all five frames alike, so the motion between them is untouched)."""
     batch = windows.shape[0]
-    x = torch.from_numpy(windows).float().div_(255.0).permute(0, 1, 4, 2, 3)  # [B, 5, 3, H, W]
+    x = window_tensor(windows)  # [B, 5, 3, H, W]
     contrast = torch.from_numpy(rng.uniform(1 - CONTRAST_JITTER, 1 + CONTRAST_JITTER, batch)).float()
     brightness = torch.from_numpy(rng.uniform(-BRIGHTNESS_JITTER, BRIGHTNESS_JITTER, batch)).float()
     mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
@@ -154,8 +154,7 @@ def _recalibrate_batchnorm(model: SyncNet, sampler: _SegmentSampler, segments: i
     model.train()
     for _ in range(BN_RECALIBRATION_BATCHES):
         windows, mels, _, _ = sampler.batch(segments)
-        faces = torch.from_numpy(windows).float().div_(255.0).permute(0, 1, 4, 2, 3)
-        model.embed_face(faces.reshape(len(windows), 3 * MOUTH_FRAMES, MOUTH_H, MOUTH_W).to(device))
+        model.embed_face(window_tensor(windows).reshape(len(windows), 3 * MOUTH_FRAMES, MOUTH_H, MOUTH_W).to(device))
         model.embed_audio(torch.from_numpy(mels).view(-1, 1, N_MELS, MEL_WIDTH).to(device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum

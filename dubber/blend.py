@@ -6,9 +6,10 @@ saw, G its output, ↑ the inverse warp, m the mask and k = exp(−|G↑ − C�
 frame's own fine detail wherever the model changed little. An unchanged crop therefore returns
 the frame bit for bit, and resampling never blurs skin the model did not touch.
 
-Modes: "feather" (soft lower-face mask from the landmarks), "alpha" (the model's own α already
-weights G, as DCK does; only the crop border is feathered), "poisson" (OpenCV seamless cloning of
-the feathered result).
+The mask is always the soft lower-face mask from the landmarks. Modes: "feather" (G's colour is
+matched to the crop's under it), "alpha" (the model's own α already weights G, as DCK does: no
+colour matching; the mask still bounds it, so α that strays onto the jaw line or the collar never
+reaches the frame), "poisson" (OpenCV seamless cloning of the feathered result).
 """
 
 from typing import Optional

@@ -240,7 +240,8 @@ def evaluate(
     with _progress(quiet) as hook:
         step = (lambda k: hook("evaluate", 1, len(clips))) if hook else None
         summary = run.evaluate(clips, out, backbone, mode, expert, device, dub, log=log, on_clip=step)
-    table = Table(title=f"dubber eval: {dataset}, {len(clips)} clips, {mode} mode")
+    table = Table(title=f"dubber eval: {dataset}, {len(clips)} clips, {mode} mode",
+                  caption=run.TABLE_NOTE if expert is not None else None)
     shown = [c for c in run.COLUMNS if any(c in s for s in summary.values())]
     table.add_column("system")
     for column in shown:

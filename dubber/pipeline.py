@@ -16,7 +16,7 @@ import numpy as np
 from dubber import audio, media
 from dubber.backbones import CROP_BOX, CROP_FACE, Backbone, CropSpec, load_backbone
 from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE
-from dubber.blend import BLEND_MODES, border_mask, lower_face_mask, paste_back
+from dubber.blend import BLEND_MODES, lower_face_mask, paste_back
 from dubber.errors import DubberError
 from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.track import DETECT_EVERY, FaceTrack, track_faces
@@ -202,24 +202,6 @@ def blend_mode(options: LipsyncOptions, backbone: Backbone) -> str:
     return mode
 
 
-class PasteMask:
-    """The crop-space mask paste_back blends under, per blend mode.
-
-    "alpha": the backbone's α is already inside its images, so pasting their change under the
-    crop's feathered border applies it once (the same mask every frame, built once). Otherwise a
-    soft lower-face mask from the frame's landmarks.
-    """
-
-    def __init__(self, mode: str, size: int):
-        self.size = size
-        self.border = border_mask(size) if mode == "alpha" else None
-
-    def __call__(self, landmarks: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-        if self.border is not None:
-            return self.border
-        return lower_face_mask(transform_points(landmarks, matrix), self.size)
-
-
 def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
             options: LipsyncOptions = LipsyncOptions(), progress: Optional[ProgressHook] = None) -> Summary:
     """Make the face in `face_path` (photo or video) speak `audio_path`; write an MP4 to `output`.
@@ -245,7 +227,6 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     order = pingpong(n_out, len(analysis.track))
     spec = backbone.crop
     transforms = crop_transforms(analysis.track.landmarks, spec)[order]
-    paste_mask = PasteMask(mode, spec.size)
     landmarks = analysis.track.landmarks[order]
     mel = audio.log_mel(wav)
     del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
@@ -271,8 +252,8 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
                     if i in faces:
                         j = faces.index(i)
                         matrix = transforms[i]
-                        frame = paste_back(frame, crops[j], generated[j], matrix, paste_mask(landmarks[i], matrix),
-                                           mode, options.colour_match)
+                        mask = lower_face_mask(transform_points(landmarks[i], matrix), spec.size)
+                        frame = paste_back(frame, crops[j], generated[j], matrix, mask, mode, options.colour_match)
                         summary.faces += 1
                     else:
                         summary.passed_through += 1
@@ -397,7 +378,6 @@ def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, ou
     fps = float(cache["fps"])
     duration = len(transforms) / fps
     step = _hook(progress, "blend", len(transforms))
-    paste_mask = PasteMask(mode, size)
     with media.atomic_output(output) as tmp:
         with media.VideoWriter(tmp, fps, int(cache["width"]), int(cache["height"]), audio_source, duration) as writer:
             for t, (frame, crop) in enumerate(zip(frames, generated)):
@@ -406,7 +386,8 @@ def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, ou
                     summary.passed_through += 1
                 else:
                     original = warp_crop(frame, matrix, size)
-                    frame = paste_back(frame, original, crop, matrix, paste_mask(landmarks[t], matrix), mode, colour_match)
+                    mask = lower_face_mask(transform_points(landmarks[t], matrix), size)
+                    frame = paste_back(frame, original, crop, matrix, mask, mode, colour_match)
                     summary.faces += 1
                 writer.write(frame)
                 step(1)

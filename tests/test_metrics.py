@@ -176,3 +176,15 @@ def test_lse_ignores_out_of_clip_nans():
     assert scores["lse_d"] == pytest.approx(1.0)  # curve [3, 2, 1]
     assert scores["lse_c"] == pytest.approx(1.0)
     assert scores["offset"] == -1
+
+
+def test_lse_forgives_an_in_range_shift_and_lse_c0_does_not():
+    # A valley at the true offset over a rising plateau, as a sync expert gives.
+    offsets = np.arange(-15, 16)
+    def curve(true_offset):
+        gap = np.abs(offsets - true_offset)
+        return np.minimum(gap, 4) * 0.1 + gap * 0.005 + 0.8
+    real, shifted = metrics.lse(curve(0)[None]), metrics.lse(curve(-12)[None])
+    assert shifted["offset"] == 12 and shifted["lse_d"] == pytest.approx(real["lse_d"])
+    assert shifted["lse_c"] >= real["lse_c"]  # the search finds the shift and forgives it
+    assert shifted["lse_c0"] < real["lse_c0"] - 0.3  # at the delivered alignment it is punished

@@ -90,6 +90,30 @@ def test_eval_writes_table_csv_json_and_images(corpus, tmp_path):
     assert len(list((out_dir / "sheets").glob("*.png"))) == 4  # a contact sheet and a sync plot per clip
 
 
+@pytest.mark.slow
+def test_eval_scores_a_backbone_and_its_dub(tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for k in range(2):  # different speech in each, so a dub is driven by something new
+        speech = helpers.make_tone_speech(tmp_path / f"speech{k}.wav", 1.4, seed=k)
+        helpers.make_face_video(clips / f"clip{k}.mp4", seconds=1.4, fps=25, size=(192, 160), audio=speech, marker=False)
+    out_dir = tmp_path / "report"
+    code, out, err = helpers.run_cli_subprocess(
+        ["eval", "--dataset", "folder", "--root", clips, "--backbone", "dck", "--dub", "--device", "cpu",
+         "--out", out_dir, "-q"])
+    assert code == 0, err
+    assert "forgiven" in out  # the table's note on what lse_c does with a shift
+    rows = list(csv.DictReader(open(out_dir / "clips.csv")))
+    assert {r["system"] for r in rows} == {"ground_truth", "static_frame", "shifted_audio", "dck", "dck:dub"}
+    for row in rows:
+        assert row["lse_c0"] != "" and row["av_corr"] != ""
+        if row["system"] == "dck:dub":  # judged against the next clip's speech, and against its own
+            assert row["lse_c0_original"] != "" and row["av_corr_original"] != ""
+            assert row["lse_c0"] != row["lse_c0_original"]
+        if row["system"] == "dck":
+            assert float(row["psnr"]) < 100 and float(row["fps_model"]) > 0
+
+
 def test_eval_without_sync_expert_weights_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("DUBBER_WEIGHTS", str(tmp_path))
     helpers.make_face_video(tmp_path / "a.mp4", seconds=0.5, audio=True, marker=False)

@@ -338,6 +338,12 @@ def lse(distances: np.ndarray) -> dict:
     lse_c_window = mean_w (median_o - min_o distances[w]); and the same two at offset 0, the
     alignment as delivered: lse_d0 = curve[c], lse_c0 = median(curve) - curve[c] (equal to
     lse_d / lse_c when the best offset is 0, lower otherwise).
+
+    lse_d and lse_c do not punish a track shifted by k frames, |k| < c: its curve is the real
+    track's moved k columns, so the same minimum is found at column c + k, and the median is then
+    taken over true offsets k-c..k+c instead of -c..c; for any expert whose distance grows away
+    from the true offset that median is no lower, so lse_c(shifted) >= lse_c(real). Only lse_d0,
+    lse_c0 and the offset see the shift.
     """
     distances = np.asarray(distances, dtype=np.float64)
     if distances.ndim != 2 or distances.shape[1] % 2 != 1:

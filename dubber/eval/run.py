@@ -44,6 +44,8 @@ BASELINES = ("ground_truth", "static_frame", "shifted_audio")
 COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "lse_d0", "lse_c0", "sync_offset",
            "offset_accuracy", "offset_accuracy_speech", "av_corr", "av_best_corr", "av_best_lag",
            "lse_c0_original", "av_corr_original", "fps_model", "fps_end_to_end")
+TABLE_NOTE = ("lse_d / lse_c: Wav2Lip's, at the best audio offset within +-15 frames, so a shift inside that "
+              "range is found and forgiven (it shows in sync_offset); lse_d0 / lse_c0: at the delivered alignment.")
 
 
 @dataclass
@@ -90,12 +92,20 @@ def _split_files(split: Path, root: Path) -> List[Path]:
 
 
 @dataclass
+class Speech:
+    """A speech track at a clip's frame times: envelope [n], mel windows [n, 80, 16] (None without an expert)."""
+
+    envelope: np.ndarray
+    mels: Optional[np.ndarray]
+
+
+@dataclass
 class SystemVideo:
     """One system's output for a clip: frames BGR [n], the speech it was driven by, timing."""
 
     frames: List[np.ndarray]
-    wav: np.ndarray
-    original_wav: Optional[np.ndarray] = None  # for dubbing: the clip's own speech, to contrast
+    speech: Speech
+    original_speech: Optional[Speech] = None  # for dubbing: the clip's own speech, to contrast
     model_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -122,7 +132,6 @@ class Evaluator:
             raise DubberError(f"unknown eval mode {mode!r}; choose video or photo")
         self.backbones, self.mode, self.sync_expert = list(backbones), mode, sync_expert
         self.device, self.dub, self.log = device, dub, log
-        self._speech_cache: Dict[int, tuple] = {}
 
     def systems(self) -> List[str]:
         names = list(BASELINES) + self.backbones
@@ -130,7 +139,8 @@ class Evaluator:
 
     # -- producing each system's video ---------------------------------------------------------
 
-    def _generate(self, backbone: str, clip: Clip, fps: float, audio_path: Path, workdir: Path, n: int) -> SystemVideo:
+    def _generate(self, backbone: str, clip: Clip, fps: float, audio_path: Path, speech: Speech,
+                  workdir: Path, n: int) -> SystemVideo:
         from dubber.pipeline import LipsyncOptions, lipsync
 
         options = LipsyncOptions(backbone=backbone, device=self.device, fps=fps, overwrite=True)
@@ -142,7 +152,7 @@ class Evaluator:
         summary = lipsync(face, audio_path, out, options)
         frames = _decode(out)[:n]
         frames += [frames[-1]] * (n - len(frames))
-        return SystemVideo(frames, audio.load_audio(audio_path), model_seconds=summary.model_seconds, seconds=summary.seconds)
+        return SystemVideo(frames, speech, model_seconds=summary.model_seconds, seconds=summary.seconds)
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -155,19 +165,14 @@ class Evaluator:
                 out[t] = predict_landmarks(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), boxes[t])
         return out
 
-    def _speech(self, wav: np.ndarray, n: int, fps: float):
-        """(envelope [n], mel windows [n, 80, 16] or None) at the frame times, once per speech track:
-        ground truth, static frame and the backbones share the clip's own speech."""
-        key = id(wav)
-        if key not in self._speech_cache:
-            times = np.arange(n) / fps
-            mels = audio.mel_windows(audio.log_mel(wav), times, 16) if self.sync_expert is not None else None
-            self._speech_cache[key] = (wav, audio.envelope(wav, times), mels)  # wav kept: its id stays unique
-        return self._speech_cache[key][1:]
+    def _speech(self, wav: np.ndarray, n: int, fps: float) -> Speech:
+        times = np.arange(n) / fps
+        mels = audio.mel_windows(audio.log_mel(wav), times, 16) if self.sync_expert is not None else None
+        return Speech(audio.envelope(wav, times), mels)
 
-    def _sync(self, frames, landmarks, wav, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
+    def _sync(self, frames, landmarks, speech: Speech, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
         result: Dict[str, float] = {}
-        loudness, mels = self._speech(wav, len(frames), fps)
+        loudness, mels = speech.envelope, speech.mels
         aperture = metrics.mouth_aperture(np.nan_to_num(landmarks))[valid]
         env = loudness[valid]
         corr = metrics.aperture_envelope_sync(aperture, env, fps)
@@ -191,7 +196,6 @@ class Evaluator:
 
     def score_clip(self, clip: Clip, workdir: Path, sheet_dir: Optional[Path] = None,
                    next_clip: Optional[Clip] = None) -> List[Dict[str, object]]:
-        self._speech_cache.clear()
         info = media.probe(clip.path)
         if not (info.has_video and info.has_audio):
             raise DubberError("evaluation clips need video and audio", clip.path)
@@ -204,19 +208,23 @@ class Evaluator:
         if valid.sum() < 10:
             raise DubberError("face found in fewer than 10 frames", clip.path)
         boxes = np.where(valid[:, None], track.boxes, track.boxes[np.argmax(valid)])
+        own = self._speech(wav, n, fps)
         videos: Dict[str, SystemVideo] = {
-            "ground_truth": SystemVideo(real, wav),
-            "static_frame": SystemVideo([real[int(np.argmax(valid))]] * n, wav),
-            "shifted_audio": SystemVideo(real, _shift(wav, SHIFT_SECONDS)),
+            "ground_truth": SystemVideo(real, own),
+            "static_frame": SystemVideo([real[int(np.argmax(valid))]] * n, own),
+            "shifted_audio": SystemVideo(real, self._speech(_shift(wav, SHIFT_SECONDS), n, fps)),
         }
+        dubbing = self.dub and next_clip is not None and bool(self.backbones)
+        if dubbing:
+            driving_wav = _fit(audio.load_audio(next_clip.path), len(wav))
+            driving = workdir / f"{clip.path.stem}_driving.wav"
+            _write_wav(driving, driving_wav)
+            driving_speech = self._speech(driving_wav, n, fps)
         for backbone in self.backbones:
-            videos[backbone] = self._generate(backbone, clip, fps, clip.path, workdir, n)
-            if self.dub and next_clip is not None:
-                driving = workdir / f"{next_clip.path.stem}_speech.wav"
-                if not driving.exists():
-                    _write_wav(driving, _fit(audio.load_audio(next_clip.path), len(wav)))
-                dubbed = self._generate(backbone, clip, fps, driving, workdir, n)
-                dubbed.original_wav = wav
+            videos[backbone] = self._generate(backbone, clip, fps, clip.path, own, workdir, n)
+            if dubbing:
+                dubbed = self._generate(backbone, clip, fps, driving, driving_speech, workdir, n)
+                dubbed.original_speech = own
                 videos[f"{backbone}:dub"] = dubbed
         real_lm = track.landmarks
         real_m = crop_transforms(real_lm, METRIC_CROP)
@@ -238,11 +246,11 @@ class Evaluator:
                     np.stack([transform_points(real_lm[i], real_m[i]) for i in idx]))
             row["cpbd"] = float(np.mean([metrics.cpbd(_gray(crops[i])) for i in idx[::3]]))
             curve: list = []
-            row.update(self._sync(video.frames, lm, video.wav, fps, valid, curve))
+            row.update(self._sync(video.frames, lm, video.speech, fps, valid, curve))
             if name != "static_frame":
                 curves[name] = curve[0]
-            if video.original_wav is not None:
-                original = self._sync(video.frames, lm, video.original_wav, fps, valid)
+            if video.original_speech is not None:
+                original = self._sync(video.frames, lm, video.original_speech, fps, valid)
                 row["lse_c0_original"] = original.get("lse_c0", math.nan)
                 row["av_corr_original"] = original["av_corr"]
             if video.seconds:

@@ -19,9 +19,11 @@ from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE
 from dubber.blend import BLEND_MODES, lower_face_mask, paste_back
 from dubber.errors import DubberError
 from dubber.face.align import crop_transforms, transform_points, warp_crop
+from dubber.face.landmarks import mouth_aperture
 from dubber.face.track import DETECT_EVERY, FaceTrack, track_faces
 
 BATCH_SIZE = 16  # frames per backbone call
+REFERENCE_SEARCH_FRAMES = 250  # a backbone's reference is chosen among the first faces (10 s at 25 fps)
 CACHE_VERSION = 1
 
 PathLike = Union[str, Path]
@@ -169,21 +171,41 @@ class Generator:
         self.backbone.to(device=device, dtype=self.dtype).eval()
         self.seconds = 0.0
 
-    def __call__(self, crops: List[np.ndarray], mels: np.ndarray) -> np.ndarray:
-        """crops: uint8 BGR [S, S, 3] x B; mels [B, 80, W] -> uint8 BGR [B, S, S, 3].
+    def __call__(self, crops: List[np.ndarray], mels: np.ndarray,
+                 references: Optional[List[np.ndarray]] = None) -> np.ndarray:
+        """crops, references: uint8 BGR [S, S, 3] x B; mels [B, 80, W] -> uint8 BGR [B, S, S, 3].
 
         A backbone's α (DCK) is already applied inside its images: I·(1−α) + M·α."""
         import torch
 
+        if self.backbone.needs_reference and references is None:
+            raise ValueError(f"backbone {self.backbone.name} needs reference crops")
         start = time.perf_counter()
         with torch.inference_mode():
             faces = _to_tensor(crops, self.device, self.dtype)
             mel = torch.from_numpy(mels[:, None]).to(device=self.device, dtype=self.dtype)
-            references = faces if self.backbone.needs_reference else None
-            out = self.backbone(faces, mel, references)
+            refs = _to_tensor(references, self.device, self.dtype) if self.backbone.needs_reference else None
+            out = self.backbone(faces, mel, refs)
             images = _from_tensor(out.images)
         self.seconds += time.perf_counter() - start
         return images
+
+
+def reference_frame(landmarks: np.ndarray, transforms: np.ndarray) -> int:
+    """The source frame every output frame takes as its reference: landmarks [N, 68, 2] and crop
+    transforms [N, 2, 3] (NaN where no face) -> index.
+
+    Never each frame itself: its mouth speaks the original words, and DCK shows its reference's
+    mouth through I·(1−α), so the original speech would be mouthed along with the new one. One
+    reference for the whole video, because a reference that changes makes the mouth jump. It is the
+    most closed mouth among the half of the first REFERENCE_SEARCH_FRAMES faces that sit nearest
+    the typical pose in the crop, so a turned head or a bad landmark fit is not chosen.
+    """
+    candidates = np.flatnonzero(~np.isnan(transforms[:, 0, 0]))[:REFERENCE_SEARCH_FRAMES]
+    points = np.stack([transform_points(landmarks[i], transforms[i]) for i in candidates])
+    spread = np.abs(points - np.median(points, axis=0)).mean(axis=(1, 2))
+    typical = candidates[spread <= np.median(spread)]
+    return int(typical[np.argmin(mouth_aperture(landmarks[typical]))])
 
 
 def resolve_backbone(options: LipsyncOptions, is_image: bool) -> Backbone:
@@ -226,8 +248,13 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     n_out = max(1, int(round(duration * fps)))
     order = pingpong(n_out, len(analysis.track))
     spec = backbone.crop
-    transforms = crop_transforms(analysis.track.landmarks, spec)[order]
+    source_transforms = crop_transforms(analysis.track.landmarks, spec)
+    transforms = source_transforms[order]
     landmarks = analysis.track.landmarks[order]
+    reference = None
+    if backbone.needs_reference:
+        index = reference_frame(analysis.track.landmarks, source_transforms)
+        reference = warp_crop(next(_frames_in_order(analysis, np.array([index]))), source_transforms[index], spec.size)
     mel = audio.log_mel(wav)
     del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
     summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
@@ -247,7 +274,8 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
                 generated = None
                 if crops:
                     mels = audio.mel_windows(mel, np.array(faces) / fps, backbone.mel_width)
-                    generated = generator(crops, mels)
+                    references = [reference] * len(crops) if backbone.needs_reference else None
+                    generated = generator(crops, mels, references)
                 for i, frame in pending:
                     if i in faces:
                         j = faces.index(i)

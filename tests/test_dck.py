@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dubber.backbones import CROP_BOX, CropSpec, load_backbone
-from dubber.backbones.dck import DCK
+from dubber.backbones.dck import DCK, mouth_region, with_mouth_of
 from dubber.checkpoint import save_model
 from dubber.errors import DubberError
 from dubber.train.dck import MIN_CLIP_FRAMES, MIN_FRAME_GAP, ClipSampler, _expert_mouths, _sync_loss, train_dck
@@ -85,16 +85,25 @@ def test_output_shapes_and_ranges(model):
         model(faces, mels, None)
 
 
-def test_alpha_zero_returns_the_input_exactly():
+def test_alpha_zero_returns_the_blend_base_exactly():
+    """α = 0: the frame itself outside the mouth region, the mouth donor's (default the reference's) inside."""
     torch.manual_seed(0)
     model = DCK(size=64).eval()
     with torch.no_grad():
         model.head.weight[0] = 0
         model.head.bias[0] = -1e4  # sigmoid -> exactly 0
         faces, mels, references = random_inputs(2, 64)
+        donors = torch.rand_like(faces)
         out = model(faces, mels, references)
+        donated = model(faces, mels, references, mouth_donors=donors)
     assert torch.count_nonzero(out.alpha) == 0
-    assert torch.equal(out.images, faces)
+    assert torch.equal(out.images, with_mouth_of(faces, references))
+    assert torch.equal(donated.images, with_mouth_of(faces, donors))
+    region = mouth_region(64)[0, 0]
+    outside, inside = region == 0, region == 1
+    assert outside[:32].all() and inside[51].any()  # the upper half is never touched; the mouth row is
+    assert torch.equal(out.images[..., outside], faces[..., outside])
+    assert torch.equal(out.images[..., inside], references[..., inside])
 
 
 def test_network_cannot_see_the_mouth_it_replaces(model):

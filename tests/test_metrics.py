@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dubber.eval import metrics
+from dubber.face import landmarks
 
 
 def _random_pair(seed=0, shape=(40, 56, 3)):
@@ -119,15 +120,15 @@ def _face_landmarks(opening, scale=1.0):
     points = np.zeros((68, 2))
     points[36:42] = [30.0, 40.0]  # left eye centre
     points[42:48] = [70.0, 40.0]  # right eye centre: inter-ocular distance 40
-    for upper, lower in metrics.INNER_LIP_PAIRS:
+    for upper, lower in landmarks.INNER_LIP_PAIRS:
         points[upper] = [50.0, 80.0]
         points[lower] = [50.0, 80.0 + opening]
     return points * scale
 
 
 def test_mouth_aperture_is_scale_free():
-    landmarks = np.stack([_face_landmarks(0.0), _face_landmarks(10.0), _face_landmarks(10.0, scale=3.0)])
-    assert metrics.mouth_aperture(landmarks) == pytest.approx([0.0, 0.25, 0.25])
+    faces = np.stack([_face_landmarks(0.0), _face_landmarks(10.0), _face_landmarks(10.0, scale=3.0)])
+    assert landmarks.mouth_aperture(faces) == pytest.approx([0.0, 0.25, 0.25])
 
 
 def test_aperture_envelope_lag_recovered():

@@ -10,7 +10,7 @@ from dubber.blend import border_mask, lower_face_mask, match_colour, paste_back
 from dubber.checkpoint import load_model, load_package, save_model
 from dubber.errors import DubberError
 from dubber.face.align import TEMPLATE, compose_affine, crop_transforms, inverse_affine, stable_points, transform_points, warp_crop
-from dubber.pipeline import pingpong
+from dubber.pipeline import pingpong, reference_frame
 
 
 def synthetic_landmarks(n=30, centre=(200.0, 150.0), scale=1.0, angle=0.0, jitter=0.0, seed=0):
@@ -56,6 +56,17 @@ def test_pingpong_schedule():
     assert pingpong(10, 4).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
     assert pingpong(3, 5).tolist() == [0, 1, 2]
     assert pingpong(4, 1).tolist() == [0, 0, 0, 0]
+
+
+def test_reference_frame_is_the_most_closed_mouth_in_a_typical_pose():
+    faces = synthetic_landmarks(6)
+    for t, opening in enumerate([12.0, 3.0, 0.5, 8.0, 0.0, 6.0]):
+        faces[t, [66, 67, 65]] = faces[t, [62, 61, 63]] + [0.0, opening]  # lower inner lip below the upper
+    faces[4] = faces[4] * [0.6, 1.0] + [80.0, 0.0]  # the closest mouth, but the face squashed sideways
+    transforms = crop_transforms(faces, CropSpec(CROP_BOX, 128))
+    assert reference_frame(faces, transforms) == 2
+    transforms[2] = np.nan  # no face there
+    assert reference_frame(faces, transforms) == 1
 
 
 @pytest.mark.parametrize("kind", [CROP_FACE, CROP_LIPS, CROP_BOX])

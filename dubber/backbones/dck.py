@@ -37,10 +37,35 @@ RESIDUAL_DEPTHS = (3, 4)
 
 DISC_WIDTHS = (32, 64, 128, 256)  # LSGAN patch discriminator
 
+# The blend base I shows another frame's mouth inside this feathered ellipse over mouth and chin
+# (crop fractions; feather in units of the radius): the frame's own mouth speaks other words.
+MOUTH_REGION_CENTRE, MOUTH_REGION_RADII = (0.5, 0.80), (0.30, 0.22)
+MOUTH_REGION_FEATHER = 0.3
+
 
 def blend(faces: torch.Tensor, alpha: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
     """I' = I * (1 - alpha) + M * alpha.  faces, motion [B, 3, S, S]; alpha [B, 1, S, S] in [0, 1]."""
     return faces * (1 - alpha) + motion * alpha
+
+
+def mouth_region(size: int, device=None) -> torch.Tensor:
+    """Feathered ellipse over mouth and chin: [1, 1, S, S] in [0, 1].
+
+    Only this region of the blend base comes from the mouth donor, so α learns to cover the mouth
+    and nothing else; swapping the whole lower half taught α a hard edge across the nose and
+    blurred the cheeks.
+    """
+    (cx, cy), (rx, ry) = MOUTH_REGION_CENTRE, MOUTH_REGION_RADII
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size, device=device), torch.linspace(0, 1, size, device=device),
+                            indexing="ij")
+    distance = torch.sqrt(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2)
+    return ((1 - distance) / MOUTH_REGION_FEATHER + 0.5).clamp(0, 1)[None, None]
+
+
+def with_mouth_of(faces: torch.Tensor, donors: torch.Tensor) -> torch.Tensor:
+    """The blend base: faces [B, 3, S, S] with the mouth_region of donors [B or 1, 3, S, S]."""
+    region = mouth_region(faces.shape[-1], faces.device).to(faces.dtype)
+    return faces * (1 - region) + donors * region
 
 
 def mask_lower_half(faces: torch.Tensor) -> torch.Tensor:
@@ -52,10 +77,13 @@ def mask_lower_half(faces: torch.Tensor) -> torch.Tensor:
 
 @register
 class DCK(Backbone):
-    """forward(faces [B,3,S,S], mels [B,1,80,16], references [B,3,S,S]) -> Generated(images, alpha).
+    """forward(faces [B,3,S,S], mels [B,1,80,16], references [B,3,S,S], mouth_donors=None)
+    -> Generated(images, alpha).
 
-    faces are the frames to re-voice, references frames of the same person (texture); both RGB in
-    [0, 1]. Output images [B, 3, S, S] in [0, 1] and alpha [B, 1, S, S] in [0, 1].
+    faces are the frames to re-voice, references frames of the same person (texture); all RGB in
+    [0, 1]. The blend base I is faces with the mouth of mouth_donors (default: the references),
+    never the frame's own mouth, which speaks other words and would show through I * (1 - alpha).
+    Output images [B, 3, S, S] in [0, 1] and alpha [B, 1, S, S] in [0, 1].
     """
 
     name = "dck"
@@ -96,16 +124,17 @@ class DCK(Backbone):
         # Channel 0: alpha logits; channels 1-3: motion image logits. No norm: plain output layer.
         self.head = nn.Conv2d(in_channels, 4, 3, padding=1)
 
-    def forward(self, faces: torch.Tensor, mels: torch.Tensor,
-                references: Optional[torch.Tensor] = None) -> Generated:
+    def forward(self, faces: torch.Tensor, mels: torch.Tensor, references: Optional[torch.Tensor] = None,
+                mouth_donors: Optional[torch.Tensor] = None) -> Generated:
         if references is None:
             raise ValueError("DCK needs reference frames")
         size = self.crop.size
         if faces.shape[1:] != (3, size, size) or references.shape != faces.shape:
             raise ValueError(f"faces and references must be [B, 3, {size}, {size}], "
                              f"got {tuple(faces.shape)} and {tuple(references.shape)}")
-        alpha, motion = self.alpha_motion(faces, mels, references)
-        return Generated(images=blend(faces, alpha, motion), alpha=alpha)
+        base = with_mouth_of(faces, references if mouth_donors is None else mouth_donors)
+        alpha, motion = self.alpha_motion(base, mels, references)
+        return Generated(images=blend(base, alpha, motion), alpha=alpha)
 
     def alpha_motion(self, faces: torch.Tensor, mels: torch.Tensor, references: torch.Tensor):
         """-> alpha [B, 1, S, S], motion image M [B, 3, S, S], both in [0, 1]."""

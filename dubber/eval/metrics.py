@@ -38,9 +38,6 @@ CPBD_SOBEL_SCALE = 4.0  # MATLAB's edge(..., 'sobel'): keep gradient^2 > 4 * mea
 
 # Landmarks (dlib 68-point scheme)
 MOUTH_POINTS = slice(48, 68)
-INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))  # upper / lower inner-lip points facing each other
-LEFT_EYE_POINTS = slice(36, 42)
-RIGHT_EYE_POINTS = slice(42, 48)
 
 # Aperture / envelope sync
 HIGH_PASS_SECONDS = 0.5  # moving average removed before correlating: drops slow drifts (head motion, loudness)
@@ -248,24 +245,6 @@ def mouth_landmark_distance(gen_mouths: np.ndarray, real_mouths: np.ndarray) -> 
     return float(np.mean(np.linalg.norm(gen - real, axis=2)))
 
 
-def mouth_aperture(landmarks68: np.ndarray) -> np.ndarray:
-    """Scale-free inner-lip opening per frame: [N,68,2] dlib landmarks -> [N].
-
-    Mean distance of the facing inner-lip pairs 61-67, 62-66, 63-65, divided by the inter-ocular
-    distance (between the two eye centres: the mean of points 36-41 and of 42-47). The eyes, unlike
-    the mouth width, do not move with speech. Closed mouth ~0, wide open ~0.3-0.5.
-    """
-    points = np.asarray(landmarks68, dtype=np.float64)
-    if points.ndim != 3 or points.shape[1:] != (68, 2):
-        raise ValueError(f"expected landmarks [N,68,2], got shape {points.shape}")
-    upper = points[:, [p for p, _ in INNER_LIP_PAIRS]]
-    lower = points[:, [q for _, q in INNER_LIP_PAIRS]]
-    opening = np.linalg.norm(upper - lower, axis=2).mean(axis=1)
-    eye_to_eye = points[:, LEFT_EYE_POINTS].mean(axis=1) - points[:, RIGHT_EYE_POINTS].mean(axis=1)
-    inter_ocular = np.linalg.norm(eye_to_eye, axis=1)
-    return opening / np.maximum(inter_ocular, 1e-6)
-
-
 def high_pass(signal: np.ndarray, window: int) -> np.ndarray:
     """signal [N] minus its centred moving average over `window` frames (shrunk at the ends, no padding bias)."""
     signal = np.asarray(signal, dtype=np.float64)
@@ -294,7 +273,7 @@ def aperture_envelope_sync(aperture: np.ndarray, envelope: np.ndarray, fps: floa
                            max_lag: int = 3) -> SyncCorrelation:
     """Correlation of mouth opening with the speech envelope, a model-free sync measure.
 
-    aperture, envelope: [N] per video frame (e.g. mouth_aperture() and dubber.audio.envelope() at
+    aperture, envelope: [N] per video frame (e.g. face.landmarks.mouth_aperture() and dubber.audio.envelope() at
     the frame times). Each is high-passed (minus a centred moving average over HIGH_PASS_SECONDS
     of frames at `fps`) so slow drifts don't count. Lag L pairs aperture[t + L] with envelope[t],
     so a positive best_lag means the mouth moves after the sound. Ties go to the smaller |lag|.

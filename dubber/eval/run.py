@@ -31,7 +31,7 @@ from dubber.backbones import CROP_FACE, CropSpec
 from dubber.errors import DubberError
 from dubber.eval import metrics
 from dubber.face.align import crop_transforms, transform_points, warp_crop
-from dubber.face.landmarks import predict_landmarks
+from dubber.face.landmarks import mouth_aperture, predict_landmarks
 from dubber.face.track import track_faces
 
 METRIC_CROP = CropSpec(CROP_FACE, 128)  # PSNR / SSIM / CPBD / LMD are measured on these aligned crops
@@ -173,7 +173,7 @@ class Evaluator:
     def _sync(self, frames, landmarks, speech: Speech, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
         result: Dict[str, float] = {}
         loudness, mels = speech.envelope, speech.mels
-        aperture = metrics.mouth_aperture(np.nan_to_num(landmarks))[valid]
+        aperture = mouth_aperture(np.nan_to_num(landmarks))[valid]
         env = loudness[valid]
         corr = metrics.aperture_envelope_sync(aperture, env, fps)
         result.update(av_corr=corr.corr_at_zero, av_best_corr=corr.best_corr, av_best_lag=corr.best_lag)

@@ -7,6 +7,10 @@ import numpy as np
 
 from dubber.face.detect import model_file
 
+INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))  # upper / lower inner-lip points facing each other
+LEFT_EYE_POINTS = slice(36, 42)
+RIGHT_EYE_POINTS = slice(42, 48)
+
 
 @lru_cache(maxsize=None)
 def _predictor():
@@ -22,3 +26,21 @@ def predict_landmarks(gray: np.ndarray, box: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     shape = _predictor()(gray, dlib.rectangle(x0, y0, x1, y1))
     return np.array([[p.x, p.y] for p in shape.parts()], np.float32)
+
+
+def mouth_aperture(landmarks68: np.ndarray) -> np.ndarray:
+    """Scale-free inner-lip opening per frame: [N,68,2] dlib landmarks -> [N].
+
+    Mean distance of the facing inner-lip pairs 61-67, 62-66, 63-65, divided by the inter-ocular
+    distance (between the two eye centres: the mean of points 36-41 and of 42-47). The eyes, unlike
+    the mouth width, do not move with speech. Closed mouth ~0, wide open ~0.3-0.5.
+    """
+    points = np.asarray(landmarks68, dtype=np.float64)
+    if points.ndim != 3 or points.shape[1:] != (68, 2):
+        raise ValueError(f"expected landmarks [N,68,2], got shape {points.shape}")
+    upper = points[:, [p for p, _ in INNER_LIP_PAIRS]]
+    lower = points[:, [q for _, q in INNER_LIP_PAIRS]]
+    opening = np.linalg.norm(upper - lower, axis=2).mean(axis=1)
+    eye_to_eye = points[:, LEFT_EYE_POINTS].mean(axis=1) - points[:, RIGHT_EYE_POINTS].mean(axis=1)
+    inter_ocular = np.linalg.norm(eye_to_eye, axis=1)
+    return opening / np.maximum(inter_ocular, 1e-6)

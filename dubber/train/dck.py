@@ -5,9 +5,10 @@ such pairs, so every training sample is built from one real clip instead. For a 
 
   reference  a random frame of the same clip, at least MIN_FRAME_GAP frames from t: identity
              and texture (teeth, lips), never the answer;
-  blend base I: frame t with a feathered mouth-and-chin ellipse taken from another distant frame
-             of the clip, so the mouth in I is wrong and copying it is penalised (at inference I is
-             the real frame, whose mouth speaks other words), while cheeks and nose stay exact;
+  blend base I: frame t with the mouth-and-chin ellipse (backbones.dck.mouth_region) of another
+             distant frame, the mouth donor, so the mouth in I is wrong and copying it is penalised,
+             while cheeks and nose stay exact (at inference the donor is the reference: see
+             pipeline.choose_references);
   input      I with its lower half zeroed, plus the reference (DCK.forward masks I itself);
   audio      the mel window of frame t;
   target     frame t.
@@ -46,8 +47,6 @@ ADV_START = 2000  # steps; before this the GAN would judge blurry faces and only
 MOUTH_WEIGHT = 3.0  # L1 weight of the lower half of the crop relative to the upper half
 SYNC_WEIGHT = 0.3  # Wav2Lip's 0.03 : 0.97 sync-to-L1 ratio, times our LAMBDA_REC
 SYNC_WINDOW = 5  # consecutive frames the lip-sync expert judges (0.2 s at 25 fps)
-DONOR_CENTRE, DONOR_RADII = (0.5, 0.80), (0.30, 0.22)  # crop fractions: mouth and chin of the box crop
-DONOR_FEATHER = 0.3  # width of the ellipse's soft edge, in units of its radius
 MIN_FRAME_GAP = 5  # frames between the target and its reference / mouth donor (different mouths)
 # Shorter clips are skipped: a reference or donor next to (or equal to) the target shows the
 # answer's mouth, and the model would learn to copy instead of listening.
@@ -119,10 +118,10 @@ def train_dck(clips: Sequence[Clip], out_path: Union[str, Path], steps: int, bat
     while step < steps:
         rng = np.random.default_rng([seed, step])  # per-step stream: a resumed run draws what it would have
         batch = sampler.batch(batch_size, rng)
-        targets, references, bases, mels, flipped = _augment_batch(batch, rng, device, sampler.window)
+        targets, references, donors, mels, flipped = _augment_batch(batch, rng, device, sampler.window)
         adversarial = step >= adv_start
 
-        generated = model(bases, mels, references).images
+        generated = model(targets, mels, references, mouth_donors=donors).images
         l1 = ((generated - targets).abs() * mouth_weights).mean()
         loss_g = lambda_rec * l1
         losses = {"l1": l1.item()}
@@ -241,18 +240,6 @@ class ClipSampler:
         return {key: np.stack(value) for key, value in rows.items()}
 
 
-def _donor_region(size: int, device: torch.device) -> torch.Tensor:
-    """Feathered ellipse over mouth and chin, [1, 1, S, S] in [0, 1]: where the blend base shows the donor.
-
-    Only this region differs from the target, so α learns to cover the mouth and nothing else;
-    swapping the whole lower half taught α a hard edge across the nose and blurred the cheeks.
-    """
-    (cx, cy), (rx, ry) = DONOR_CENTRE, DONOR_RADII
-    ys, xs = torch.meshgrid(torch.linspace(0, 1, size, device=device), torch.linspace(0, 1, size, device=device), indexing="ij")
-    distance = torch.sqrt(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2)
-    return ((1 - distance) / DONOR_FEATHER + 0.5).clamp(0, 1)[None, None]
-
-
 def _distant_frame(length: int, t: int, rng: np.random.Generator) -> int:
     """A random frame index at least MIN_FRAME_GAP from t (length >= MIN_CLIP_FRAMES guarantees one)."""
     candidates = np.flatnonzero(np.abs(np.arange(length) - t) >= MIN_FRAME_GAP)
@@ -260,7 +247,7 @@ def _distant_frame(length: int, t: int, rng: np.random.Generator) -> int:
 
 
 def _augment_batch(batch: Dict[str, np.ndarray], rng: np.random.Generator, device: torch.device, window: int = 1):
-    """uint8 batch -> float tensors on device: targets, references, blend bases [B, 3, S, S] in [0, 1],
+    """uint8 batch -> float tensors on device: targets, references, mouth donors [B, 3, S, S] in [0, 1],
     mels [B, 1, 80, W] and flipped bool [B, 1, 1, 1]. Flip and jitter are drawn per run of `window`
     rows (one sample, or one window of consecutive frames) and applied to all three images."""
     def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -279,16 +266,14 @@ def _augment_batch(batch: Dict[str, np.ndarray], rng: np.random.Generator, devic
         return per_row(centre + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, groups).astype(np.float32))
 
     # Pointwise, with a fixed pivot (0.5) instead of the image mean, so the same jitter maps the
-    # target and its blend base to the same pixels wherever they agree.
+    # target and the blend base made from it to the same pixels wherever they agree.
     images = (images - 0.5) * factors(1.0) + 0.5 + factors(0.0)
     grey = images.mean(dim=2, keepdim=True)
     images = ((images - grey) * factors(1.0) + grey).clamp_(0, 1)
 
     targets, references, donors = images
-    region = _donor_region(targets.shape[-1], device)
-    bases = targets * (1 - region) + donors * region
     mels = torch.from_numpy(batch["mels"]).to(device).float().unsqueeze(1)
-    return targets, references, bases, mels, flip[0]
+    return targets, references, donors, mels, flip[0]
 
 
 def _mouth_weights(size: int, device: torch.device) -> torch.Tensor:

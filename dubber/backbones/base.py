@@ -38,8 +38,8 @@ class Backbone(nn.Module):
     """Base class. Subclasses set the class attributes and implement forward().
 
     forward(faces [B,3,S,S] in [0,1], mels [B,1,80,mel_width], references [B,3,S,S] or None)
-    -> Generated.  References are other frames of the same face (the pipeline gives each batch's
-    most closed mouth: pipeline.reference_frame). `init_kwargs` is what the checkpoint stores.
+    -> Generated.  References are another frame of the same face (the pipeline gives one per
+    video, a closed mouth: pipeline.reference_frame). `init_kwargs` is what the checkpoint stores.
     """
 
     name: ClassVar[str] = ""

@@ -273,9 +273,9 @@ def aperture_envelope_sync(aperture: np.ndarray, envelope: np.ndarray, fps: floa
                            max_lag: int = 3) -> SyncCorrelation:
     """Correlation of mouth opening with the speech envelope, a model-free sync measure.
 
-    aperture, envelope: [N] per video frame (e.g. face.landmarks.mouth_aperture() and dubber.audio.envelope() at
-    the frame times). Each is high-passed (minus a centred moving average over HIGH_PASS_SECONDS
-    of frames at `fps`) so slow drifts don't count. Lag L pairs aperture[t + L] with envelope[t],
+    aperture, envelope: [N] per video frame (e.g. face.landmarks.mouth_aperture() and
+    dubber.audio.envelope() at the frame times). Each is high-passed (minus a centred moving
+    average over HIGH_PASS_SECONDS of frames at `fps`) so slow drifts don't count. Lag L pairs aperture[t + L] with envelope[t],
     so a positive best_lag means the mouth moves after the sound. Ties go to the smaller |lag|.
     """
     aperture = np.asarray(aperture, dtype=np.float64)

@@ -4,7 +4,8 @@ An adapted U-Net over the face crop (5 down-sampling, 4 middle, 5 up-sampling la
 middle layers are 1x1 convolutions whose kernels and biases are inferred, per frame, by fully
 connected networks from an audio embedding; every other kernel is static. The network outputs an
 attention mask alpha and a motion image M, and the result is I' = I * (1 - alpha) + M * alpha, so
-pixels the network leaves alone (alpha = 0) are the input's own and the crop pastes straight back.
+pixels the network leaves alone (alpha = 0) are the blend base I's: the input's own outside the
+mouth region (which pastes straight back), another frame's mouth inside it (see DCK).
 
 Differences from the paper, all forced by what we have: 128x128 crops by default (CPU training;
 the paper uses 256), a 128-wide middle (paper: 256) so the shipped file stays small, the audio
@@ -13,6 +14,7 @@ frame with its lower half masked plus a reference frame of the same person (Wav2
 we train self-supervised on real video instead of on synthetic Wav2Lip pairs (dubber.train.dck).
 """
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -48,12 +50,13 @@ def blend(faces: torch.Tensor, alpha: torch.Tensor, motion: torch.Tensor) -> tor
     return faces * (1 - alpha) + motion * alpha
 
 
+@lru_cache(maxsize=8)
 def mouth_region(size: int, device=None) -> torch.Tensor:
     """Feathered ellipse over mouth and chin: [1, 1, S, S] in [0, 1].
 
     Only this region of the blend base comes from the mouth donor, so α learns to cover the mouth
     and nothing else; swapping the whole lower half taught α a hard edge across the nose and
-    blurred the cheeks.
+    blurred the cheeks. Built once per size and device (shared: do not modify it in place).
     """
     (cx, cy), (rx, ry) = MOUTH_REGION_CENTRE, MOUTH_REGION_RADII
     ys, xs = torch.meshgrid(torch.linspace(0, 1, size, device=device), torch.linspace(0, 1, size, device=device),

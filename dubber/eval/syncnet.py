@@ -114,10 +114,14 @@ def offset_choice_loss(face_emb: torch.Tensor, audio_emb: torch.Tensor, target: 
     evaluation searches, the model is trained on the very decision offset search makes; on little
     data, BCE sits at log 2 for thousands of steps.
     """
+    return F.cross_entropy(offset_choice_logits(face_emb, audio_emb, exclude, temperature), target)
+
+
+def offset_choice_logits(face_emb: torch.Tensor, audio_emb: torch.Tensor, exclude: Optional[torch.Tensor] = None,
+                         temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """The logits offset_choice_loss takes the cross-entropy of: [B, A], -inf where excluded."""
     logits = face_emb @ audio_emb.T / temperature
-    if exclude is not None:
-        logits = logits.masked_fill(exclude, float("-inf"))
-    return F.cross_entropy(logits, target)
+    return logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
 
 
 def mouths_from_faces(faces: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ such pairs, so every training sample is built from one real clip instead. For a 
   blend base I: frame t with the mouth-and-chin ellipse (backbones.dck.mouth_region) of another
              distant frame, the mouth donor, so the mouth in I is wrong and copying it is penalised,
              while cheeks and nose stay exact (at inference the donor is the reference: see
-             pipeline.choose_references);
+             pipeline.reference_frame);
   input      I with its lower half zeroed, plus the reference (DCK.forward masks I itself);
   audio      the mel window of frame t;
   target     frame t.

@@ -19,12 +19,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dubber.checkpoint import load_package, save_model
 from dubber.errors import DubberError
 from dubber.train import hardware_description
 from dubber.eval.syncnet import (MEL_WIDTH, MOUTH_FRAMES, MOUTH_H, MOUTH_W, N_MELS, OFFSETS, SyncNet,
-                                 offset_choice_loss, window_tensor)
+                                 offset_choice_logits, window_tensor)
 
 WINDOWS_PER_SEGMENT = 8  # mouth windows sharing one stretch of audio (its embeddings are computed once)
 SEGMENT_SPREAD = 8  # frames: a segment's window centres lie within this many frames of the first
@@ -231,15 +232,14 @@ def train_syncnet(clips: Sequence[Dict[str, Any]], out_path: Union[str, Path], s
         target, exclude = torch.from_numpy(target).to(device), torch.from_numpy(exclude).to(device)
         face_emb = model.embed_face(faces)
         audio_emb = model.embed_audio(torch.from_numpy(mels).view(-1, 1, N_MELS, MEL_WIDTH).to(device))
-        loss = offset_choice_loss(face_emb, audio_emb, target, exclude)
+        logits = offset_choice_logits(face_emb, audio_emb, exclude)
+        loss = F.cross_entropy(logits, target)  # offset_choice_loss, its logits kept for the log
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         optimizer.step()
 
-        with torch.no_grad():
-            similarity = (face_emb @ audio_emb.T).masked_fill(exclude, -2.0)
-            running_picked += (similarity.argmax(dim=1) == target).float().mean().item()
+        running_picked += (logits.detach().argmax(dim=1) == target).float().mean().item()
         running_loss += loss.item()
         count += 1
         if step % log_every == 0 or step == steps:

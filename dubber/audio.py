@@ -22,6 +22,8 @@ FMIN, FMAX = 55, 7600  # Hz
 MIN_LEVEL_DB = -100.0
 REF_LEVEL_DB = 20.0
 SILENCE_RMS = 1e-4  # full-scale RMS under which a track counts as silent
+MEL_WINDOW = 16  # mel frames in one video frame's audio window (0.2 s): what the backbones and the expert take
+SPEECH_LEVEL = 0.2  # a frame has speech when its envelope exceeds this fraction of the clip's 95th percentile
 MEL_CHUNK = 8192  # STFT frames computed at once (~100 s of audio): memory does not grow with length
 
 
@@ -100,3 +102,15 @@ def envelope(wav: np.ndarray, times_s: np.ndarray, window_s: float = 0.04) -> np
     lo = np.clip(centres - half, 0, wav.size)
     hi = np.clip(centres + half, 0, wav.size)
     return np.sqrt((power[hi] - power[lo]) / np.maximum(hi - lo, 1)).astype(np.float32)
+
+
+def speech_frames(envelope: np.ndarray) -> np.ndarray:
+    """The one rule for "this frame has speech": envelope [N] (see `envelope`) -> bool [N].
+
+    Relative to the clip's own loud frames (95th percentile), so it holds for quiet and loud
+    recordings alike; in a pause no audio offset is more right than another.
+    """
+    envelope = np.asarray(envelope, np.float64)
+    if envelope.size == 0:
+        return np.zeros(0, bool)
+    return envelope > SPEECH_LEVEL * np.percentile(envelope, 95)

@@ -17,10 +17,9 @@ from typing import Optional
 import numpy as np
 
 from dubber.face.align import crop_roi, inverse_affine
+from dubber.face.landmarks import LOWER_JAW, NOSE_BRIDGE_LOW
 
 BLEND_MODES = ("feather", "alpha", "poisson")
-JAW = list(range(2, 15))  # jaw points from below the ears round the chin
-NOSE_BRIDGE_LOW = 29  # the lower-face mask's top edge passes through here
 MASK_FEATHER = 0.05  # Gaussian sigma of the mask edge, as a fraction of the crop side
 BORDER_FEATHER = 0.06  # fraction of the crop side over which the crop's own border fades out
 DETAIL_TAU = 12.0  # grey levels: changes larger than this drop the frame's original detail
@@ -30,7 +29,8 @@ def lower_face_mask(crop_landmarks: np.ndarray, size: int) -> np.ndarray:
     """Soft mask over mouth, cheeks and chin: crop-space landmarks [68, 2] -> float32 [size, size] in [0, 1]."""
     import cv2
 
-    points = np.concatenate([crop_landmarks[JAW], crop_landmarks[[NOSE_BRIDGE_LOW]]])
+    # The mask's top edge passes through the low nose bridge.
+    points = np.concatenate([crop_landmarks[LOWER_JAW], crop_landmarks[[NOSE_BRIDGE_LOW]]])
     hull = cv2.convexHull(np.round(points * 4).astype(np.int32))  # quarter-pixel precision
     mask = np.zeros((size, size), np.uint8)
     cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=2)

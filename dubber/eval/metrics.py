@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 import cv2
 import numpy as np
 
+from dubber.face.landmarks import MOUTH
+
 # PSNR
 PSNR_MAX_UINT8 = 255.0
 
@@ -35,9 +37,6 @@ CPBD_CANNY_SIGMA = 1.0  # Gaussian pre-smoothing before Canny, as MATLAB's edge(
 CPBD_CANNY_NOT_EDGE = 0.7  # MATLAB's automatic Canny thresholds: 70 % of pixels are not edges...
 CPBD_CANNY_LOW_RATIO = 0.4  # ... and low threshold = 0.4 * high
 CPBD_SOBEL_SCALE = 4.0  # MATLAB's edge(..., 'sobel'): keep gradient^2 > 4 * mean(gradient^2)
-
-# Landmarks (dlib 68-point scheme)
-MOUTH_POINTS = slice(48, 68)
 
 # Aperture / envelope sync
 HIGH_PASS_SECONDS = 0.5  # moving average removed before correlating: drops slow drifts (head motion, loudness)
@@ -226,7 +225,7 @@ def _mouth_points(landmarks: np.ndarray) -> np.ndarray:
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.ndim != 3 or landmarks.shape[2] != 2 or landmarks.shape[1] not in (20, 68):
         raise ValueError(f"expected mouth points [N,20,2] or landmarks [N,68,2], got shape {landmarks.shape}")
-    return landmarks[:, MOUTH_POINTS] if landmarks.shape[1] == 68 else landmarks
+    return landmarks[:, MOUTH] if landmarks.shape[1] == 68 else landmarks
 
 
 def mouth_landmark_distance(gen_mouths: np.ndarray, real_mouths: np.ndarray) -> float:

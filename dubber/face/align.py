@@ -10,13 +10,12 @@ Affine matrices are float32 [2, 3] mapping frame pixels to crop pixels.
 
 import numpy as np
 
-from dubber.backbones.base import CROP_BOX, CROP_FACE, CROP_LIPS, CropSpec
+from dubber.face.crops import CROP_BOX, CROP_FACE, CROP_LIPS, CropSpec
+from dubber.face.landmarks import LEFT_EYE, MOUTH, NOSE_TIP, RIGHT_EYE
 
 # Template positions (fractions of a full-face crop side) of the left eye centre, right eye
 # centre and nose tip; the crop then spans forehead to chin with the mouth near 0.74.
 TEMPLATE = np.array([[0.345, 0.40], [0.655, 0.40], [0.50, 0.585]], np.float32)
-LEFT_EYE, RIGHT_EYE, NOSE_TIP = slice(36, 42), slice(42, 48), 30
-MOUTH = slice(48, 68)
 LIPS_CENTRE, LIPS_SIDE = (0.50, 0.77), 0.46  # lip crop: this square of the full-face crop
 SMOOTH_SIGMA = 1.5  # frames: Gaussian smoothing of the transform parameters over time
 ANTIALIAS_BELOW = 0.75  # crop/frame scale under which the frame is blurred before sampling
@@ -31,9 +30,8 @@ def stable_points(landmarks: np.ndarray) -> np.ndarray:
 def _template(spec: CropSpec) -> np.ndarray:
     if spec.kind == CROP_LIPS:
         return (TEMPLATE - np.array(LIPS_CENTRE, np.float32)) / LIPS_SIDE + 0.5
-    if spec.kind in (CROP_FACE, CROP_BOX):
-        return TEMPLATE
-    raise ValueError(f"unknown crop kind {spec.kind!r}")
+    assert spec.kind in (CROP_FACE, CROP_BOX), spec  # CropSpec checks its kind
+    return TEMPLATE
 
 
 def _fit_similarity(src: np.ndarray, dst: np.ndarray):

@@ -7,9 +7,14 @@ import numpy as np
 
 from dubber.face.detect import model_file
 
+# Index ranges of the iBUG layout: the one definition every module uses.
+LOWER_JAW = slice(2, 15)  # jaw points from below the ears round the chin
+LEFT_EYE = slice(36, 42)
+RIGHT_EYE = slice(42, 48)
+NOSE_BRIDGE_LOW = 29  # lowest point of the nose bridge
+NOSE_TIP = 30
+MOUTH = slice(48, 68)  # outer lip 48-59, inner lip 60-67
 INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))  # upper / lower inner-lip points facing each other
-LEFT_EYE_POINTS = slice(36, 42)
-RIGHT_EYE_POINTS = slice(42, 48)
 
 
 @lru_cache(maxsize=None)
@@ -41,6 +46,6 @@ def mouth_aperture(landmarks68: np.ndarray) -> np.ndarray:
     upper = points[:, [p for p, _ in INNER_LIP_PAIRS]]
     lower = points[:, [q for _, q in INNER_LIP_PAIRS]]
     opening = np.linalg.norm(upper - lower, axis=2).mean(axis=1)
-    eye_to_eye = points[:, LEFT_EYE_POINTS].mean(axis=1) - points[:, RIGHT_EYE_POINTS].mean(axis=1)
+    eye_to_eye = points[:, LEFT_EYE].mean(axis=1) - points[:, RIGHT_EYE].mean(axis=1)
     inter_ocular = np.linalg.norm(eye_to_eye, axis=1)
     return opening / np.maximum(inter_ocular, 1e-6)

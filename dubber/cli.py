@@ -146,22 +146,23 @@ def preprocess(
 ):
     """Detect, align and crop faces; write boxes, 68 landmarks, transforms, crops and audio features."""
     from dubber import media
-    from dubber.backbones import CropSpec
-    from dubber.pipeline import LipsyncOptions, preprocess as run
+    from dubber.analysis import FaceChoice
+    from dubber.cache import preprocess as run
+    from dubber.face.crops import CropSpec
 
     specs = []
     for text in crop:
-        kind, _, size = text.partition(":")
-        if kind not in ("face", "lips", "box") or not size.isdigit():
-            _fail(f"--crop must be face|lips|box:SIZE, got {text!r}")
-        specs.append(CropSpec(kind, int(size)))
+        try:
+            specs.append(CropSpec.parse(text))
+        except ValueError as exc:
+            _fail(f"--crop: {exc}", 2)
     files = [f for path in inputs for f in (media.list_media(path, "face") if path.is_dir() else [path])]
-    options = LipsyncOptions(detector=detector, face_index=face_index)
+    choice = FaceChoice(detector=detector, face_index=face_index)
     failed = 0
     for path in files:
         try:
             with _progress(quiet) as hook:
-                written = run(path, output, specs, options, hook, overwrite)
+                written = run(path, output, specs, choice, hook, overwrite)
             typer.echo(str(written))
         except DubberError as exc:
             failed += 1

@@ -20,14 +20,13 @@ from dubber.blend import BLEND_MODES, lower_face_mask, paste_back
 from dubber.errors import DubberError
 from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.landmarks import mouth_aperture
-from dubber.face.track import DETECT_EVERY, FaceTrack, track_faces
+from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, progress_step
+from dubber.face.track import DETECT_EVERY
 
 BATCH_SIZE = 16  # frames per backbone call
 REFERENCE_SEARCH_FRAMES = 250  # a backbone's reference is chosen among the first faces (10 s at 25 fps)
-CACHE_VERSION = 1
 
 PathLike = Union[str, Path]
-ProgressHook = Callable[[str, int, Optional[int]], None]  # (stage, advance, total)
 
 
 @dataclass
@@ -49,19 +48,9 @@ class LipsyncOptions:
     crf: int = media.VIDEO_CRF
     overwrite: bool = False
 
-
-@dataclass
-class Analysis:
-    """A face input analysed: its media description, frame rate and face track (N source frames)."""
-
-    info: media.MediaInfo
-    fps: float
-    track: FaceTrack
-    image: Optional[np.ndarray] = None  # the decoded photo, for photo input
-
     @property
-    def is_image(self) -> bool:
-        return self.image is not None
+    def face_choice(self) -> FaceChoice:
+        return FaceChoice(self.detector, self.detect_every, self.face_index, self.face_box)
 
 
 @dataclass
@@ -94,38 +83,6 @@ def select_device(name: str = "auto"):
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise DubberError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
-
-
-def _hook(progress: Optional[ProgressHook], stage: str, total: Optional[int]) -> Callable[[int], None]:
-    if progress is None:
-        return lambda n=1: None
-    progress(stage, 0, total)
-    return lambda n=1: progress(stage, n, total)
-
-
-def analyse(face_path: PathLike, options: LipsyncOptions = LipsyncOptions(),
-            progress: Optional[ProgressHook] = None) -> Analysis:
-    """Decode a photo or video once and track the chosen face through it."""
-    info = media.probe(face_path)
-    if info.is_image:
-        image = media.read_image(info.path)
-        info.width, info.height = image.shape[1], image.shape[0]
-        track = track_faces([image], options.detector, 1, options.face_index, options.face_box)
-        if not track.valid.any():
-            raise DubberError("no face found in the image", info.path)
-        return Analysis(info, options.fps, track, image)
-    if not info.has_video:
-        raise DubberError("has no video stream (expected a photo or a video of a face)", info.path)
-    expected = max(1, int(round(info.duration * info.fps)))
-    step = _hook(progress, "detect faces", expected)
-    reader = media.VideoReader(info)
-    track = track_faces(reader, options.detector, options.detect_every, options.face_index,
-                        options.face_box, on_frame=lambda t: step(1))
-    if reader.frames_read == 0:
-        raise DubberError("no video frame could be decoded (corrupt or truncated file)", info.path)
-    if not track.valid.any():
-        raise DubberError("no face found in any frame", info.path)
-    return Analysis(info, info.fps, track)
 
 
 def pingpong(n_out: int, n_src: int) -> np.ndarray:
@@ -238,7 +195,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     if output.suffix.lower() != ".mp4":
         raise DubberError("output must be an .mp4 file", output)
     wav = audio.load_audio(audio_path)
-    analysis = analyse(face_path, options, progress)
+    analysis = analyse(face_path, options.face_choice, options.fps, progress)
     backbone = resolve_backbone(options, analysis.is_image)
     mode = blend_mode(options, backbone)
     generator = Generator(backbone, select_device(options.device), options.half)
@@ -262,7 +219,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     if len(analysis.track) < n_out and not analysis.is_image:
         summary.notes.append(f"video ({len(analysis.track)} frames) is shorter than the audio: played forward and back")
 
-    step = _hook(progress, "lip sync", n_out)
+    step = progress_step(progress, "lip sync", n_out)
     info = analysis.info
     with media.atomic_output(output) as tmp:
         with media.VideoWriter(tmp, fps, info.width, info.height, audio_path, duration, options.crf) as writer:
@@ -306,80 +263,6 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# preprocess: the analysis written to disk, for train and eval to reuse
-
-
-def default_crop_specs() -> List[CropSpec]:
-    return [CropSpec(CROP_FACE, 96), CropSpec(CROP_BOX, 128)]
-
-
-def crop_key(spec: CropSpec) -> str:
-    return f"{spec.kind}{spec.size}"
-
-
-def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec] = (),
-               options: LipsyncOptions = LipsyncOptions(), progress: Optional[ProgressHook] = None,
-               overwrite: bool = False) -> Path:
-    """Analyse one photo/video and write `<out_dir>/<stem>.npz`.
-
-    Arrays (N frames): fps, width, height, landmarks [N,68,2], boxes [N,4], valid [N],
-    transform_<kind><size> [N,2,3] (frame->crop), crops_<kind><size> uint8 RGB [N,S,S,3] (zeros
-    where no face), mel [80,T] and has_audio when the file has a non-silent audio track.
-    """
-    out_dir = Path(out_dir)
-    face_path = media.check_input(face_path)
-    target = media.check_output(out_dir / f"{face_path.stem}.npz", [face_path], overwrite)
-    specs = list(specs) or default_crop_specs()
-    analysis = analyse(face_path, options, progress)
-    track = analysis.track
-    arrays: Dict[str, np.ndarray] = {
-        "version": np.array(CACHE_VERSION), "fps": np.array(analysis.fps),
-        "width": np.array(analysis.info.width), "height": np.array(analysis.info.height),
-        "landmarks": track.landmarks, "boxes": track.boxes, "valid": track.valid,
-        "faces_seen": np.array(track.faces_seen),
-    }
-    transforms = {crop_key(s): crop_transforms(track.landmarks, s) for s in specs}
-    crops = {k: np.zeros((len(track), s.size, s.size, 3), np.uint8) for k, s in zip(transforms, specs)}
-    frames = [analysis.image] if analysis.is_image else media.VideoReader(analysis.info)
-    step = _hook(progress, "crop faces", len(track))
-    for t, frame in enumerate(frames):
-        if t >= len(track):
-            break
-        if track.valid[t]:
-            for key, spec in zip(transforms, specs):
-                crops[key][t] = warp_crop(frame, transforms[key][t], spec.size)[..., ::-1]
-        step(1)
-    for key in transforms:
-        arrays[f"transform_{key}"] = transforms[key]
-        arrays[f"crops_{key}"] = crops[key]
-    has_audio = False
-    if analysis.info.has_audio:
-        try:
-            arrays["mel"] = audio.log_mel(audio.load_audio(face_path))
-            has_audio = True
-        except DubberError:
-            pass  # silent track: recorded as has_audio = False
-    arrays["has_audio"] = np.array(has_audio)
-    with media.atomic_output(target) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-    return target
-
-
-def load_cache(path: PathLike) -> Dict[str, np.ndarray]:
-    """Read a preprocess cache written by `preprocess`."""
-    path = media.check_input(path)
-    try:
-        with np.load(path) as data:
-            cache = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise DubberError(f"not a dubber preprocess cache ({type(exc).__name__})", path) from exc
-    if int(cache.get("version", -1)) != CACHE_VERSION:
-        raise DubberError("preprocess cache from another dubber version; run `dubber preprocess` again", path)
-    return cache
-
-
 def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, output: PathLike,
                 mode: str = "feather", audio_path: Optional[PathLike] = None, overwrite: bool = False,
                 colour_match: bool = True, progress: Optional[ProgressHook] = None) -> Summary:
@@ -391,6 +274,8 @@ def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, ou
     started = time.perf_counter()
     source = media.check_input(source)
     output = media.check_output(output, [source, cache_path, crops_path], overwrite)
+    from dubber.cache import load_cache
+
     cache = load_cache(cache_path)
     info = media.probe(source)
     generated = _read_crops(Path(crops_path))
@@ -405,7 +290,7 @@ def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, ou
     frames = [media.read_image(source)] * len(transforms) if info.is_image else media.VideoReader(info)
     fps = float(cache["fps"])
     duration = len(transforms) / fps
-    step = _hook(progress, "blend", len(transforms))
+    step = progress_step(progress, "blend", len(transforms))
     with media.atomic_output(output) as tmp:
         with media.VideoWriter(tmp, fps, int(cache["width"]), int(cache["height"]), audio_source, duration) as writer:
             for t, (frame, crop) in enumerate(zip(frames, generated)):

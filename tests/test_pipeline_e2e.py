@@ -8,7 +8,7 @@ import helpers
 from dubber import media
 from dubber.audio import N_MELS
 from dubber.face.align import warp_crop
-from dubber.pipeline import CACHE_VERSION, load_cache
+from dubber.cache import CACHE_VERSION, load_cache
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,7 @@ from typing import ClassVar, NamedTuple, Optional
 import torch
 from torch import nn
 
-CROP_FACE = "face"  # RSA-aligned full face: similarity transform (rotation removed) to a template
-CROP_LIPS = "lips"  # RSA-aligned, mouth region only
-CROP_BOX = "box"  # unrotated square face box: scale + translation only (DCK pastes it straight back)
-
-
-@dataclass(frozen=True)
-class CropSpec:
-    """How the crop a backbone sees is cut from a frame.
-
-    kind: CROP_FACE, CROP_LIPS or CROP_BOX.  size: side of the square crop in pixels.
-    """
-
-    kind: str
-    size: int
-
+from dubber.face.crops import CROP_BOX, CROP_FACE, CROP_LIPS, CropSpec  # noqa: F401 (re-exported)
 
 class Generated(NamedTuple):
     """Backbone output: images [B, 3, S, S] RGB in [0, 1]; alpha [B, 1, S, S] in [0, 1] or None."""

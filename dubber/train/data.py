@@ -76,7 +76,7 @@ def corpus(root: Path, split: str, grid_every: int = 1) -> List[dict]:
 
 def build_cache(items: Iterable[dict], cache_dir: Path, log: Callable[[str], None] = print) -> List[Path]:
     """Preprocess every item not yet cached (face:96 and box:128 crops); returns the cache files."""
-    from dubber.pipeline import LipsyncOptions, default_crop_specs, preprocess
+    from dubber.cache import default_crop_specs, preprocess
 
     cache_dir = Path(cache_dir)
     written = []
@@ -84,7 +84,7 @@ def build_cache(items: Iterable[dict], cache_dir: Path, log: Callable[[str], Non
         target = cache_dir / f"{item['path'].stem}.npz"
         if not target.exists():
             try:
-                preprocess(item["path"], cache_dir, default_crop_specs(), LipsyncOptions())
+                preprocess(item["path"], cache_dir, default_crop_specs())
             except DubberError as exc:
                 log(f"skipped: {exc}")
                 continue
@@ -108,7 +108,7 @@ def load_clips(items: Iterable[dict], cache_dir: Path, crop: str = "box128",
     """Clip dicts (see module docstring) for the cached items that have speech."""
     from dubber.eval.syncnet import mouths_from_faces
     from dubber.face.align import compose_affine, inverse_affine
-    from dubber.pipeline import load_cache
+    from dubber.cache import load_cache
 
     clips = []
     for item in items:

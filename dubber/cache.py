@@ -5,7 +5,7 @@ expensive part -- detection, landmarks, alignment -- runs once per file.
 """
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -15,9 +15,10 @@ from dubber.errors import DubberError
 from dubber.face.align import crop_transforms, warp_crop
 from dubber.face.crops import CROP_BOX, CROP_FACE, CropSpec
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: adds `envelope`
+READABLE_VERSIONS = (1, 2)  # version-1 files load without `envelope` (speech unknown)
+KEEP_FRAMES_BYTES = 512 << 20  # decoded frames held between tracking and cropping (one decode); longer inputs decode twice
 PathLike = Union[str, Path]
-
 
 
 def default_crop_specs() -> List[CropSpec]:
@@ -31,13 +32,19 @@ def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec]
 
     Arrays (N frames): fps, width, height, landmarks [N,68,2], boxes [N,4], valid [N],
     transform_<kind><size> [N,2,3] (frame->crop), crops_<kind><size> uint8 RGB [N,S,S,3] (zeros
-    where no face), mel [80,T] and has_audio when the file has a non-silent audio track.
+    where no face), has_audio; when the file has a non-silent audio track, mel [80,T] and
+    envelope [T] (audio.envelope at each mel column's time, MEL_FPS a second: audio.speech_frames
+    applies at any frame time and lag). A video is decoded once when its frames fit
+    KEEP_FRAMES_BYTES, else a second time for the crops.
     """
     out_dir = Path(out_dir)
     face_path = media.check_input(face_path)
     target = media.check_output(out_dir / f"{face_path.stem}.npz", [face_path], overwrite)
     specs = list(specs) or default_crop_specs()
-    analysis = analyse(face_path, choice, progress=progress)
+    info = media.probe(face_path)
+    frame_count = round(info.duration * info.fps)  # 0 when ffmpeg does not know the duration: decode twice
+    keep = info.has_video and 0 < frame_count * info.width * info.height * 3 <= KEEP_FRAMES_BYTES
+    analysis = analyse(face_path, choice, progress=progress, keep_frames=keep)
     track = analysis.track
     arrays: Dict[str, np.ndarray] = {
         "version": np.array(CACHE_VERSION), "fps": np.array(analysis.fps),
@@ -45,24 +52,14 @@ def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec]
         "landmarks": track.landmarks, "boxes": track.boxes, "valid": track.valid,
         "faces_seen": np.array(track.faces_seen),
     }
-    transforms = {s.key: crop_transforms(track.landmarks, s) for s in specs}
-    crops = {k: np.zeros((len(track), s.size, s.size, 3), np.uint8) for k, s in zip(transforms, specs)}
-    frames = [analysis.image] if analysis.is_image else media.VideoReader(analysis.info)
-    step = progress_step(progress, "crop faces", len(track))
-    for t, frame in enumerate(frames):
-        if t >= len(track):
-            break
-        if track.valid[t]:
-            for key, spec in zip(transforms, specs):
-                crops[key][t] = warp_crop(frame, transforms[key][t], spec.size)[..., ::-1]
-        step(1)
-    for key in transforms:
-        arrays[f"transform_{key}"] = transforms[key]
-        arrays[f"crops_{key}"] = crops[key]
+    frames = [analysis.image] if analysis.is_image else analysis.frames or media.VideoReader(analysis.info)
+    arrays.update(_crops(frames, track.landmarks, specs, progress))
     has_audio = False
     if analysis.info.has_audio:
         try:
-            arrays["mel"] = audio.log_mel(audio.load_audio(face_path))
+            wav = audio.load_audio(face_path)
+            arrays["mel"] = audio.log_mel(wav)
+            arrays["envelope"] = audio.envelope(wav, np.arange(arrays["mel"].shape[1]) / audio.MEL_FPS)
             has_audio = True
         except DubberError:
             pass  # silent track: recorded as has_audio = False
@@ -73,14 +70,50 @@ def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec]
     return target
 
 
-def load_cache(path: PathLike) -> Dict[str, np.ndarray]:
-    """Read a preprocess cache written by `preprocess`."""
+def _crops(frames: Iterable[np.ndarray], landmarks: np.ndarray, specs: Sequence[CropSpec],
+           progress: Optional[ProgressHook]) -> Dict[str, np.ndarray]:
+    """transform_<key> [N,2,3] and crops_<key> uint8 RGB [N,S,S,3] (zeros where no face) per spec,
+    from frames uint8 BGR and landmarks [N,68,2] (NaN where no face)."""
+    n = len(landmarks)
+    valid = ~np.isnan(landmarks[:, 0, 0])
+    transforms = {s.key: crop_transforms(landmarks, s) for s in specs}
+    crops = {s.key: np.zeros((n, s.size, s.size, 3), np.uint8) for s in specs}
+    step = progress_step(progress, "crop faces", n)
+    for t, frame in enumerate(frames):
+        if t >= n:
+            break
+        if valid[t]:
+            for spec in specs:
+                crops[spec.key][t] = warp_crop(frame, transforms[spec.key][t], spec.size)[..., ::-1]
+        step(1)
+    arrays = {f"transform_{key}": value for key, value in transforms.items()}
+    arrays.update({f"crops_{key}": value for key, value in crops.items()})
+    return arrays
+
+
+def load_cache(path: PathLike, keys: Optional[Iterable[str]] = None) -> Dict[str, np.ndarray]:
+    """Read a preprocess cache written by `preprocess`: every array, or only `keys` (those present).
+
+    Version-1 files load too; they lack `envelope`.
+    """
     path = media.check_input(path)
     try:
         with np.load(path) as data:
-            cache = {k: data[k] for k in data.files}
+            version = int(data["version"]) if "version" in data.files else -1
+            if version not in READABLE_VERSIONS:
+                raise DubberError("preprocess cache from another dubber version; run `dubber preprocess` again", path)
+            wanted = data.files if keys is None else [k for k in ("version", *keys) if k in data.files]
+            return {k: data[k] for k in wanted}
+    except DubberError:
+        raise
     except Exception as exc:
         raise DubberError(f"not a dubber preprocess cache ({type(exc).__name__})", path) from exc
-    if int(cache.get("version", -1)) != CACHE_VERSION:
-        raise DubberError("preprocess cache from another dubber version; run `dubber preprocess` again", path)
-    return cache
+
+
+def is_current(path: PathLike, specs: Sequence[CropSpec]) -> bool:
+    """Whether `path` is a cache of this version holding every crop in `specs` (reads only the version)."""
+    try:
+        with np.load(path) as data:
+            return int(data["version"]) == CACHE_VERSION and all(f"crops_{s.key}" in data.files for s in specs)
+    except Exception:  # missing, truncated, not a cache: all mean "build it again"
+        return False

@@ -1,5 +1,9 @@
 """Follow one face through a video: detect every few frames, track with landmarks in between.
 
+Re-detections look in a region around the tracked face first (dubber.face.detect.detect_faces_near,
+a fraction of a full-frame pass) and search the whole frame only when nothing is tracked or the
+region holds no continuation of the track.
+
 The face is chosen once (largest, or by --face-index / --face-box) and then followed by overlap,
 so it is a track rather than a per-frame guess. Frames where it is not found get NaN landmarks
 and are passed through unchanged by the pipeline.
@@ -10,10 +14,10 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from dubber.face.detect import detect_faces
+from dubber.face.detect import detect_faces, detect_faces_near
 from dubber.face.landmarks import predict_landmarks
 
-DETECT_EVERY = 5  # frames between full detections; landmarks track the face in between
+DETECT_EVERY = 5  # frames between re-detections; landmarks track the face in between
 MATCH_IOU = 0.3  # a detection continues the track when it overlaps the tracked box this much
 SCENE_CHANGE = 40.0  # mean abs grey difference inside the face box that forces a re-detection
 
@@ -23,7 +27,8 @@ class FaceTrack:
     """Per-frame face geometry of one video. N frames.
 
     landmarks: float32 [N, 68, 2] frame pixels, NaN where no face.  boxes: float32 [N, 4]
-    detector-style boxes (x0, y0, x1, y1), NaN where no face.  faces_seen: max faces in one detection.
+    detector-style boxes (x0, y0, x1, y1), NaN where no face.  faces_seen: max faces in one
+    full-frame detection (re-detections near the tracked face do not count the others).
     """
 
     landmarks: np.ndarray
@@ -64,6 +69,12 @@ def _from_unit(unit: np.ndarray, frame: np.ndarray) -> np.ndarray:
     return unit * np.array([w, h, w, h], np.float32) + np.tile(frame[:2], 2)
 
 
+def _continuation(found: np.ndarray, box: np.ndarray) -> Optional[np.ndarray]:
+    """The detection [4] among `found` [K, 4] that continues the track at `box`, or None."""
+    overlaps = _iou(found, box) if len(found) else np.zeros(0)
+    return found[int(np.argmax(overlaps))] if len(found) and overlaps.max() >= MATCH_IOU else None
+
+
 def track_faces(frames: Iterable[np.ndarray], detector: str = "hog", detect_every: int = DETECT_EVERY,
                 face_index: int = 0, face_box: Optional[Sequence[float]] = None,
                 on_frame: Optional[Callable[[int], None]] = None) -> FaceTrack:
@@ -85,18 +96,25 @@ def track_faces(frames: Iterable[np.ndarray], detector: str = "hog", detect_ever
             if x1 > x0 and y1 > y0:
                 change = np.abs(gray[y0:y1, x0:x1].astype(np.int16) - prev_gray[y0:y1, x0:x1]).mean()
                 detect_now = change > SCENE_CHANGE
-        if detect_now:
+        if detect_now and box is not None:
+            # Re-detection: first in a region around the tracked face (cheap), the whole frame only
+            # when the region holds no continuation of the track.
+            redetected = _continuation(detect_faces_near(frame, box, detector), box)
+            if redetected is None:
+                found = detect_faces(frame, detector)
+                faces_seen = max(faces_seen, len(found))
+                redetected = _continuation(found, box)
+            box = redetected
+            det_in_lm = None
+        elif detect_now:
             found = detect_faces(frame, detector)
             faces_seen = max(faces_seen, len(found))
-            if box is None and len(found):
+            if len(found):
                 if face_box is not None:
                     chosen = found[int(np.argmax(_iou(found, np.asarray(face_box, np.float32))))]
                     box = chosen if _iou(chosen[None], np.asarray(face_box, np.float32))[0] > 0 else None
                 else:
                     box = found[face_index] if face_index < len(found) else None
-            elif box is not None:
-                overlaps = _iou(found, box) if len(found) else np.zeros(0)
-                box = found[int(np.argmax(overlaps))] if len(found) and overlaps.max() >= MATCH_IOU else None
             det_in_lm = None
         if box is None:
             landmarks.append(np.full((68, 2), np.nan, np.float32))

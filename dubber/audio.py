@@ -87,11 +87,11 @@ def mel_windows(mel: np.ndarray, times_s: np.ndarray, width: int) -> np.ndarray:
     """
     times_s = np.asarray(times_s, dtype=np.float64)
     starts = np.round(times_s * MEL_FPS).astype(np.int64) - width // 2
-    pad = width + 1
-    padded = np.pad(mel, ((0, 0), (pad, pad)), constant_values=-4.0)
-    starts = np.clip(starts + pad, 0, padded.shape[1] - width)
     index = starts[:, None] + np.arange(width)[None, :]
-    return np.ascontiguousarray(padded[:, index].transpose(1, 0, 2))
+    inside = (index >= 0) & (index < mel.shape[1])
+    # Gather, then silence what falls outside the track: no padded copy of the whole spectrogram.
+    windows = mel[:, np.clip(index, 0, mel.shape[1] - 1)].transpose(1, 0, 2)
+    return np.ascontiguousarray(np.where(inside[:, None, :], windows, np.float32(-4.0)), dtype=mel.dtype)
 
 
 def envelope(wav: np.ndarray, times_s: np.ndarray, window_s: float = 0.04) -> np.ndarray:

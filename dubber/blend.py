@@ -12,7 +12,6 @@ colour matching; the mask still bounds it, so α that strays onto the jaw line o
 reaches the frame), "poisson" (OpenCV seamless cloning of the feathered result).
 """
 
-from typing import Optional
 
 import numpy as np
 

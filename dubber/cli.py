@@ -192,25 +192,45 @@ def blend(
 
 @app.command()
 def train(
-    backbone: str = typer.Option("dck", help="What to train: dck (a backbone) or syncnet (the lip-sync expert)."),
+    backbone: str = typer.Option("dck", help="What to train: a backbone (dck, ...) or syncnet (the lip-sync expert)."),
     data: Path = typer.Option(Path("../shared/data"), help="Corpus root (grid/, wild/, manifest_wild.csv)."),
     cache: Path = typer.Option(Path("cache"), help="Preprocess cache folder (outside version control)."),
-    out: Optional[Path] = typer.Option(None, help="Model file to write (default: weights/<name>.pt)."),
+    out: Optional[Path] = typer.Option(None, help="Model file to write (default: runs/<name>-<date>/<name>.pt)."),
+    force: bool = typer.Option(False, help="Allow --out to name a shipped file in weights/."),
     steps: int = typer.Option(20000, help="Total optimiser steps (a resumed run continues to this count)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the trainer's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the recipe's)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     grid_every: int = typer.Option(3, help="Use every n-th GRID training sentence."),
     sync_expert: Optional[Path] = typer.Option(None, help="A trained syncnet file to add a lip-sync loss (dck)."),
     resume: bool = typer.Option(True, help="Continue from the training checkpoint beside OUT."),
+    val_every: int = typer.Option(0, help="Validate on held-out identities every N steps (0: never)."),
+    patience: int = typer.Option(0, help="Stop after N validations without improvement (0: never)."),
+    log_every: int = typer.Option(50, help="Log mean losses every N steps."),
+    checkpoint_every: int = typer.Option(500, help="Write the resumable training state every N steps."),
+    workers: int = typer.Option(2, help="Processes building the preprocess cache."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Train a backbone or the sync expert from scratch on the corpus; checkpoints and resumes."""
-    from dubber.backbones import weights_path
+    import datetime
+
+    from dubber.backbones import WEIGHTS_DIR
     from dubber.train import train_from_corpus
 
+    for option, value in (("--steps", steps), ("--grid-every", grid_every), ("--log-every", log_every),
+                          ("--checkpoint-every", checkpoint_every), ("--workers", workers)):
+        if value < 1:
+            _fail(f"{option} must be at least 1, got {value}", 2)
+    if out is None:
+        out = Path("runs") / f"{backbone}-{datetime.datetime.now():%Y%m%d-%H%M%S}" / f"{backbone}.pt"
+    if out.exists() and out.is_dir():
+        _fail(f"--out {out}: is a directory; name the model file to write", 2)
+    if out.resolve().parent == WEIGHTS_DIR.resolve() and not force:
+        _fail(f"--out {out}: would replace a shipped file in weights/; add --force to do that", 2)
     log = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
-    written = train_from_corpus(backbone, data, cache, out or weights_path(backbone), steps, batch_size, device,
-                                grid_every, resume, sync_expert, log)
+    with _progress(quiet) as hook:
+        written = train_from_corpus(backbone, data, cache, out, steps, batch_size, device, grid_every, resume,
+                                    sync_expert, val_every, patience, log_every, checkpoint_every, workers,
+                                    log=log, progress=hook)
     typer.echo(str(written))
 
 
@@ -256,12 +276,20 @@ def evaluate(
 @app.command()
 def backbones():
     """List backbones and whether trained weights are present."""
-    from dubber.backbones import PLANNED, available, weights_path
+    from dubber.backbones import PLANNED, models, weights_path
 
-    registry = available()
+    registry = models()
     for name in sorted(set(PLANNED) | set(registry)):
-        state = "not implemented" if name not in registry else ("weights: " + str(weights_path(name)) if weights_path(name).is_file() else "no trained weights")
-        typer.echo(f"{name:8s} {state}")
+        if name not in registry:
+            typer.echo(f"{name:10s} not implemented")
+            continue
+        cls = registry[name]
+        shape = (f"window {cls.window}, overlap {cls.overlap}, {'stateful' if cls.stateful else 'stateless'}, "
+                 f"{cls.crop}, identity: {cls.conditioning}") if hasattr(cls, "window") else "sync expert"
+        weights = weights_path(name)
+        state = (f"weights: {weights}" if weights.is_file() else
+                 "no weights needed" if not getattr(cls, "needs_weights", True) else "no trained weights")
+        typer.echo(f"{name:10s} {state}  ({shape})")
 
 
 def main():

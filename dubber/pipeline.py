@@ -1,30 +1,31 @@
-"""The one core every command shares: stream frames, detect and align, batch the backbone, blend, encode.
+"""The one core every command shares: stream frames, detect and align, run the backbone, blend, encode.
 
 Two passes over a video: `analyse` decodes once to track the face (landmarks are small, so the
 whole track is kept and smoothed with look-ahead), then `lipsync` decodes again and streams
-frames through crop -> backbone (in batches) -> paste-back -> encoder. Memory is bounded by one
-batch of frames whatever the length; the analysis is the same cache `preprocess` writes.
+frames through crop -> backbone (dubber.apply: windows, state, gaps) -> paste-back -> encoder.
+Memory is bounded by one backbone call's frames whatever the length; the analysis is the same one
+the preprocess cache (dubber.cache) stores.
 """
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from dubber import audio, media
-from dubber.backbones import CROP_BOX, CROP_FACE, Backbone, CropSpec, load_backbone
-from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE
+from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, progress_step
+from dubber.apply import BATCH_FRAMES, Generator, Step, apply_backbone
+from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone
+from dubber.cache import load_cache
 from dubber.blend import BLEND_MODES, lower_face_mask, paste_back
+from dubber.conditioning import identity_frame
 from dubber.errors import DubberError
 from dubber.face.align import crop_transforms, transform_points, warp_crop
-from dubber.face.landmarks import mouth_aperture
-from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, progress_step
 from dubber.face.track import DETECT_EVERY
 
-BATCH_SIZE = 16  # frames per backbone call
-REFERENCE_SEARCH_FRAMES = 250  # a backbone's reference is chosen among the first faces (10 s at 25 fps)
+MEL_CHUNK_FRAMES = 256  # output frames whose mel windows are cut at once
 
 PathLike = Union[str, Path]
 
@@ -44,7 +45,7 @@ class LipsyncOptions:
     detect_every: int = DETECT_EVERY
     face_index: int = 0
     face_box: Optional[Tuple[float, float, float, float]] = None
-    batch_size: int = BATCH_SIZE
+    batch_size: int = BATCH_FRAMES
     crf: int = media.VIDEO_CRF
     overwrite: bool = False
 
@@ -102,69 +103,6 @@ def _frames_in_order(analysis: Analysis, order: np.ndarray) -> Iterator[np.ndarr
         yield from media.iter_frames(analysis.info, order.tolist())
 
 
-def _to_tensor(crops: List[np.ndarray], device, dtype):
-    """uint8 BGR [S, S, 3] list -> float [B, 3, S, S] RGB in [0, 1]."""
-    import torch
-
-    batch = np.stack(crops)[..., ::-1].transpose(0, 3, 1, 2) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(batch)).to(device=device, dtype=dtype)
-
-
-def _from_tensor(images) -> np.ndarray:
-    """float [B, 3, S, S] RGB in [0, 1] -> uint8 BGR [B, S, S, 3]."""
-    array = images.detach().float().clamp(0, 1).mul(255).round().byte().cpu().numpy()
-    return np.ascontiguousarray(array.transpose(0, 2, 3, 1)[..., ::-1])
-
-
-class Generator:
-    """A backbone on its device, turning batches of aligned crops + mel windows into new crops."""
-
-    def __init__(self, backbone: Backbone, device, half: bool = False):
-        import torch
-
-        self.backbone = backbone
-        self.device = device
-        self.dtype = torch.float16 if half and device.type == "cuda" else torch.float32
-        self.backbone.to(device=device, dtype=self.dtype).eval()
-        self.seconds = 0.0
-
-    def __call__(self, crops: List[np.ndarray], mels: np.ndarray,
-                 references: Optional[List[np.ndarray]] = None) -> np.ndarray:
-        """crops, references: uint8 BGR [S, S, 3] x B; mels [B, 80, W] -> uint8 BGR [B, S, S, 3].
-
-        A backbone's α (DCK) is already applied inside its images: I·(1−α) + M·α."""
-        import torch
-
-        if self.backbone.needs_reference and references is None:
-            raise ValueError(f"backbone {self.backbone.name} needs reference crops")
-        start = time.perf_counter()
-        with torch.inference_mode():
-            faces = _to_tensor(crops, self.device, self.dtype)
-            mel = torch.from_numpy(mels[:, None]).to(device=self.device, dtype=self.dtype)
-            refs = _to_tensor(references, self.device, self.dtype) if self.backbone.needs_reference else None
-            out = self.backbone(faces, mel, refs)
-            images = _from_tensor(out.images)
-        self.seconds += time.perf_counter() - start
-        return images
-
-
-def reference_frame(landmarks: np.ndarray, transforms: np.ndarray) -> int:
-    """The source frame every output frame takes as its reference: landmarks [N, 68, 2] and crop
-    transforms [N, 2, 3] (NaN where no face) -> index.
-
-    Never each frame itself: its mouth speaks the original words, and DCK shows its reference's
-    mouth through I·(1−α), so the original speech would be mouthed along with the new one. One
-    reference for the whole video, because a reference that changes makes the mouth jump. It is the
-    most closed mouth among the half of the first REFERENCE_SEARCH_FRAMES faces that sit nearest
-    the typical pose in the crop, so a turned head or a bad landmark fit is not chosen.
-    """
-    candidates = np.flatnonzero(~np.isnan(transforms[:, 0, 0]))[:REFERENCE_SEARCH_FRAMES]
-    points = np.stack([transform_points(landmarks[i], transforms[i]) for i in candidates])
-    spread = np.abs(points - np.median(points, axis=0)).mean(axis=(1, 2))
-    typical = candidates[spread <= np.median(spread)]
-    return int(typical[np.argmin(mouth_aperture(landmarks[typical]))])
-
-
 def resolve_backbone(options: LipsyncOptions, is_image: bool) -> Backbone:
     if isinstance(options.backbone, Backbone):
         return options.backbone
@@ -208,10 +146,10 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     source_transforms = crop_transforms(analysis.track.landmarks, spec)
     transforms = source_transforms[order]
     landmarks = analysis.track.landmarks[order]
-    reference = None
-    if backbone.needs_reference:
-        index = reference_frame(analysis.track.landmarks, source_transforms)
-        reference = warp_crop(next(_frames_in_order(analysis, np.array([index]))), source_transforms[index], spec.size)
+    identity = None
+    index = identity_frame(backbone.conditioning, analysis.track.landmarks, source_transforms)
+    if index is not None:
+        identity = warp_crop(next(_frames_in_order(analysis, np.array([index]))), source_transforms[index], spec.size)
     mel = audio.log_mel(wav)
     del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
     summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
@@ -219,48 +157,43 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     if len(analysis.track) < n_out and not analysis.is_image:
         summary.notes.append(f"video ({len(analysis.track)} frames) is shorter than the audio: played forward and back")
 
+    def stream() -> Iterator[Step]:
+        frames = _frames_in_order(analysis, order)
+        for chunk in range(0, n_out, MEL_CHUNK_FRAMES):
+            times = np.arange(chunk, min(n_out, chunk + MEL_CHUNK_FRAMES)) / fps
+            for t, window in zip(range(chunk, n_out), audio.mel_windows(mel, times, backbone.mel_width)):
+                frame = next(frames)
+                crop = None if np.isnan(transforms[t, 0, 0]) else warp_crop(frame, transforms[t], spec.size)
+                yield Step(crop, window, (frame, transforms[t], landmarks[t]))
+
     step = progress_step(progress, "lip sync", n_out)
-    info = analysis.info
+    results = apply_backbone(generator, stream(), identity, options.batch_size)
     with media.atomic_output(output) as tmp:
-        with media.VideoWriter(tmp, fps, info.width, info.height, audio_path, duration, options.crf) as writer:
-            pending: List[Tuple[int, np.ndarray]] = []
-
-            def flush():
-                faces = [i for i, _ in pending if not np.isnan(transforms[i, 0, 0])]
-                crops = [warp_crop(frame, transforms[i], spec.size) for i, frame in pending if i in faces]
-                generated = None
-                if crops:
-                    mels = audio.mel_windows(mel, np.array(faces) / fps, backbone.mel_width)
-                    references = [reference] * len(crops) if backbone.needs_reference else None
-                    generated = generator(crops, mels, references)
-                for i, frame in pending:
-                    if i in faces:
-                        j = faces.index(i)
-                        matrix = transforms[i]
-                        mask = lower_face_mask(transform_points(landmarks[i], matrix), spec.size)
-                        frame = paste_back(frame, crops[j], generated[j], matrix, mask, mode, options.colour_match)
-                        summary.faces += 1
-                    else:
-                        summary.passed_through += 1
-                    writer.write(frame)
-                step(len(pending))
-                pending.clear()
-
-            for index, frame in enumerate(_frames_in_order(analysis, order)):
-                if index >= n_out:
-                    break
-                pending.append((index, frame))
-                if len(pending) == options.batch_size:
-                    flush()
-            if pending:
-                flush()
-            summary.frames = writer.frames_written
+        with media.VideoWriter(tmp, fps, analysis.info.width, analysis.info.height, audio_path, duration,
+                               options.crf) as writer:
+            _paste_and_write(writer, results, mode, options.colour_match, summary, step)
         if summary.frames < n_out:
             # The second decode gave fewer frames than the analysis pass saw (a file changing under us).
             raise DubberError(f"video ended early: {summary.frames} of {n_out} frames decoded", face_path)
     summary.seconds = time.perf_counter() - started
     summary.model_seconds = generator.seconds
     return summary
+
+
+def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match: bool, summary: Summary,
+                     step) -> None:
+    """The one paste loop: results yield ((frame, transform, landmarks), crop, generated); frames
+    with a generated crop get it pasted under the lower-face mask, the others pass through."""
+    for (frame, matrix, points), crop, generated in results:
+        if generated is not None:
+            mask = lower_face_mask(transform_points(points, matrix), crop.shape[0])
+            frame = paste_back(frame, crop, generated, matrix, mask, mode, colour_match)
+            summary.faces += 1
+        else:
+            summary.passed_through += 1
+        writer.write(frame)
+        step(1)
+    summary.frames = writer.frames_written
 
 
 def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, output: PathLike,
@@ -274,8 +207,6 @@ def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, ou
     started = time.perf_counter()
     source = media.check_input(source)
     output = media.check_output(output, [source, cache_path, crops_path], overwrite)
-    from dubber.cache import load_cache
-
     cache = load_cache(cache_path)
     info = media.probe(source)
     generated = _read_crops(Path(crops_path))
@@ -290,21 +221,17 @@ def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, ou
     frames = [media.read_image(source)] * len(transforms) if info.is_image else media.VideoReader(info)
     fps = float(cache["fps"])
     duration = len(transforms) / fps
-    step = progress_step(progress, "blend", len(transforms))
+
+    def results():
+        for t, (frame, crop) in enumerate(zip(frames, generated)):
+            matrix = transforms[t]
+            original = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, size)
+            yield (frame, matrix, landmarks[t]), original, None if original is None else crop
+
     with media.atomic_output(output) as tmp:
         with media.VideoWriter(tmp, fps, int(cache["width"]), int(cache["height"]), audio_source, duration) as writer:
-            for t, (frame, crop) in enumerate(zip(frames, generated)):
-                matrix = transforms[t]
-                if np.isnan(matrix[0, 0]):
-                    summary.passed_through += 1
-                else:
-                    original = warp_crop(frame, matrix, size)
-                    mask = lower_face_mask(transform_points(landmarks[t], matrix), size)
-                    frame = paste_back(frame, original, crop, matrix, mask, mode, colour_match)
-                    summary.faces += 1
-                writer.write(frame)
-                step(1)
-            summary.frames = writer.frames_written
+            _paste_and_write(writer, results(), mode, colour_match, summary,
+                             progress_step(progress, "blend", len(transforms)))
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dubber import media
-from dubber.backbones import CROP_FACE, Backbone, CropSpec, Generated, register
+from dubber.backbones import CONDITION_NONE, CROP_FACE, Backbone, CropSpec, Generated, register
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -47,12 +47,13 @@ class IdentityBackbone(Backbone):
 
     name = "identity"
     needs_weights = False
+    conditioning = CONDITION_NONE
 
     def __init__(self, kind: str = CROP_FACE, size: int = 96):
-        super().__init__(kind=kind, size=size)
+        super().__init__()
         self.crop = CropSpec(kind, size)  # instance attribute: shadows the class default
 
-    def forward(self, faces, mels, references=None) -> Generated:
+    def forward(self, faces, mels, identity=None, state=None) -> Generated:
         return Generated(faces)
 
 
@@ -62,7 +63,7 @@ class ShiftMouthBackbone(IdentityBackbone):
 
     name = "shiftmouth"
 
-    def forward(self, faces, mels, references=None) -> Generated:
+    def forward(self, faces, mels, identity=None, state=None) -> Generated:
         size = faces.shape[-2]
         out = faces.clone()
         out[..., size // 2:, :] = torch.roll(faces[..., size // 2:, :], shifts=size // 8, dims=-2)
@@ -75,7 +76,7 @@ class CrashingBackbone(IdentityBackbone):
 
     name = "crashing"
 
-    def forward(self, faces, mels, references=None) -> Generated:
+    def forward(self, faces, mels, identity=None, state=None) -> Generated:
         self.calls = getattr(self, "calls", 0) + 1
         if self.calls > 1:
             raise RuntimeError("simulated failure in the generator")

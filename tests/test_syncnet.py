@@ -1,4 +1,5 @@
-"""The SyncNet sync expert: shapes, offset search, a synthetic sync task it must learn, checkpoints."""
+"""The SyncNet sync expert and its recipe: shapes, offset search, a synthetic sync task it must
+learn through the one training loop, checkpoints, resume."""
 
 import math
 
@@ -6,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from dubber.checkpoint import load_model
-from dubber.eval import syncnet
-from dubber.eval.syncnet import (MEL_WIDTH, MOUTH_H, MOUTH_W, SyncNet, mouths_from_faces, offset_choice_loss,
-                                 offset_distances, sync_loss, sync_scores)
-from dubber.train.syncnet import WINDOWS_PER_SEGMENT, _SegmentSampler, resume_path, speech_frames, train_syncnet
+from dubber.audio import MEL_WINDOW as MEL_WIDTH
+from dubber.backbones import load
+from dubber.backbones.syncnet import MOUTH_FRAMES, MOUTH_H, MOUTH_W, SyncNet, mouths_from_faces
+from dubber.eval.sync import offset_distances, sync_scores
+from dubber.train.loop import checkpoint_path_for, train
+from dubber.train.recipes import recipe_for
+from dubber.train.recipes.syncnet import WINDOWS_PER_SEGMENT, offset_choice_loss
+from dubber.train.sampler import IdentitySampler
 
 torch.set_num_threads(1)
 
@@ -43,7 +47,12 @@ def synthetic_clip(rng, frames, identity, mouth_lag=0):
         top, left = MOUTH_H // 2 - height // 2, MOUTH_W // 2 - width // 2
         mouths[t, top:top + height, left:left + width] = 30
     mouths = np.clip(mouths + rng.normal(0, 8, mouths.shape), 0, 255).astype(np.uint8)
-    return {"mouths": mouths, "mels": mels, "identity": identity}
+    faces = np.concatenate([np.full_like(mouths, 128), mouths], axis=1)  # the mouth is the face's lower half
+    return {"crops": {"face96": faces}, "mels": mels, "identity": identity, "name": identity,
+            "speech": np.ones(frames, bool)}
+
+
+RECIPE = dict(batch_size=32, lr=3e-3, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +62,9 @@ def trained(tmp_path_factory):
     clips = [synthetic_clip(rng, 40, "anna" if i < 9 else "bert") for i in range(10)]
     out = tmp_path_factory.mktemp("syncnet") / "syncnet.pt"
     logs = []
-    model = train_syncnet(clips, out, steps=TRAIN_STEPS, batch_size=32, lr=3e-3, log_every=TRAIN_STEPS,
-                          checkpoint_every=TRAIN_STEPS // 2, model_kwargs=TINY, log=logs.append)
-    return model, out, clips, logs
+    train(recipe_for("syncnet", **RECIPE), clips, out, steps=TRAIN_STEPS, log_every=TRAIN_STEPS,
+          checkpoint_every=TRAIN_STEPS // 2, log=logs.append)
+    return load("syncnet", out), out, clips, logs
 
 
 def test_shapes():
@@ -84,7 +93,7 @@ class _ClockNet(torch.nn.Module):
         return torch.stack([torch.cos(0.1 * value), torch.sin(0.1 * value)], dim=1)
 
     def embed_face(self, windows):
-        middle_red = windows[:, 3 * (syncnet.MOUTH_FRAMES // 2)]
+        middle_red = windows[:, 3 * (MOUTH_FRAMES // 2)]
         return self._angle(middle_red.mean(dim=(1, 2)) * 255)
 
     def embed_audio(self, mels):
@@ -115,16 +124,6 @@ def test_offset_search_indexing_and_sign(mouth_lag):
     assert scores["lse_c"] > 0.5
 
 
-def test_sync_loss_values():
-    a = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
-    orthogonal = torch.nn.functional.normalize(torch.stack([torch.tensor([-x[1], x[0]]) for x in a[:, :2]]), dim=1)
-    orthogonal = torch.cat([orthogonal, torch.zeros(4, 6)], dim=1)
-    a2 = torch.cat([a[:, :2] / a[:, :2].norm(dim=1, keepdim=True), torch.zeros(4, 6)], dim=1)
-    assert sync_loss(a2, orthogonal, torch.ones(4)).item() == pytest.approx(math.log(2), rel=1e-4)  # score 0.5
-    assert sync_loss(a, a, torch.ones(4)).item() < 1e-4
-    assert sync_loss(a, -a, torch.zeros(4)).item() < 1e-4
-
-
 def test_offset_choice_loss_values():
     eye = torch.eye(6)
     face = eye[[0, 2]]  # window b is spoken with audio row 2b exactly
@@ -143,18 +142,14 @@ def test_offset_choice_loss_values():
     assert offset_choice_loss(face, audio, torch.tensor([1, 2]), exclude).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_speech_frames_skip_pauses():
-    mels = np.full((20, 80, MEL_WIDTH), -4.0, np.float32)  # silence
-    mels[5:12] = 1.0  # speech
-    mels[8, :, :6] = -4.0  # speech whose window starts in a pause: its centre still speaks
-    assert speech_frames(mels).tolist() == [5 <= t < 12 for t in range(20)]
-
-
 def test_segment_sampler_targets_and_near_misses():
     rng = np.random.default_rng(0)
     clips = [synthetic_clip(rng, 40, "anna"), synthetic_clip(rng, 50, "bert")]
-    sampler = _SegmentSampler(clips, [0, 1], np.random.default_rng(1))
-    windows, mels, target, exclude = sampler.batch(3)
+    recipe = recipe_for("syncnet", batch_size=3 * WINDOWS_PER_SEGMENT)
+    sampler = IdentitySampler(clips, recipe.anchors, recipe.identity_power)
+    windows, mels, target, exclude = recipe.segments(sampler, np.random.default_rng(1))
+    for clip in clips:
+        clip["mouths"] = mouths_from_faces(clip["crops"]["face96"])
     assert windows.shape == (3 * WINDOWS_PER_SEGMENT, 5, MOUTH_H, MOUTH_W, 3)
     assert exclude.shape == (len(windows), len(mels)) and not exclude[np.arange(len(target)), target].any()
     # Each window's target row holds the mel window of its middle frame; the rows a frame either
@@ -184,26 +179,25 @@ def test_learns_synthetic_sync(trained):
     assert model.meta["steps"] == TRAIN_STEPS and not model.training
     for identity, seed in (("anna", 1), ("carl", 2)):  # a seen and an unseen face
         clip = synthetic_clip(np.random.default_rng(seed), 60, identity)
-        scores = sync_scores(model, clip["mouths"], clip["mels"])
+        scores = sync_scores(model, mouths_from_faces(clip["crops"]["face96"]), clip["mels"])
         assert scores["offset"] == 0
         assert scores["offset_accuracy"] > 0.6, (identity, scores)  # chance: 3 of 31 offsets
     late = synthetic_clip(np.random.default_rng(3), 60, "anna", mouth_lag=3)
-    assert sync_scores(model, late["mouths"], late["mels"])["offset"] == 3
+    assert sync_scores(model, mouths_from_faces(late["crops"]["face96"]), late["mels"])["offset"] == 3
 
 
 def test_checkpoint_round_trip_and_resume(trained):
     model, out, clips, logs = trained
     package = torch.load(out, weights_only=True)
-    assert package["class"] == "SyncNet" and package["kwargs"] == TINY
-    assert {"data", "steps", "hardware", "date"} <= set(package["meta"])
-    loaded = load_model(out, {"SyncNet": SyncNet})
+    assert package["name"] == "syncnet" and package["kwargs"] == TINY
+    assert {"data", "steps", "hardware", "date", "recipe", "state_sha256"} <= set(package["meta"])
+    loaded = load("syncnet", out)
     x, m = torch.rand(2, 15, MOUTH_H, MOUTH_W), torch.randn(2, 1, 80, MEL_WIDTH)
     with torch.no_grad():
         assert torch.allclose(loaded.embed_face(x), model.embed_face(x), atol=1e-6)
         assert torch.allclose(loaded.embed_audio(m), model.embed_audio(m), atol=1e-6)
-    assert resume_path(out).is_file()
+    assert checkpoint_path_for(out).is_file()
     resumed_logs = []
-    train_syncnet(clips, out, steps=TRAIN_STEPS + 1, batch_size=4, lr=3e-3, log_every=1, checkpoint_every=100,
-                  log=resumed_logs.append)
+    train(recipe_for("syncnet", **RECIPE), clips, out, steps=TRAIN_STEPS + 1, log_every=1, log=resumed_logs.append)
     assert resumed_logs[0].startswith("resumed") and f"at step {TRAIN_STEPS}" in resumed_logs[0]
     assert resumed_logs[1].startswith(f"step {TRAIN_STEPS + 1}/")

@@ -7,10 +7,11 @@ import torch
 from dubber import audio
 from dubber.backbones import CROP_BOX, CROP_FACE, CROP_LIPS, CropSpec
 from dubber.blend import border_mask, lower_face_mask, match_colour, paste_back
-from dubber.checkpoint import load_model, load_package, save_model
+from dubber.checkpoint import SelfDescribing, load_model, load_package, save_model, state_sha256
 from dubber.errors import DubberError
 from dubber.face.align import TEMPLATE, compose_affine, crop_transforms, inverse_affine, stable_points, transform_points, warp_crop
-from dubber.pipeline import pingpong, reference_frame
+from dubber.conditioning import closed_mouth_frame
+from dubber.pipeline import pingpong
 
 
 def synthetic_landmarks(n=30, centre=(200.0, 150.0), scale=1.0, angle=0.0, jitter=0.0, seed=0):
@@ -58,15 +59,15 @@ def test_pingpong_schedule():
     assert pingpong(4, 1).tolist() == [0, 0, 0, 0]
 
 
-def test_reference_frame_is_the_most_closed_mouth_in_a_typical_pose():
+def test_closed_mouth_identity_is_the_most_closed_mouth_in_a_typical_pose():
     faces = synthetic_landmarks(6)
     for t, opening in enumerate([12.0, 3.0, 0.5, 8.0, 0.0, 6.0]):
         faces[t, [66, 67, 65]] = faces[t, [62, 61, 63]] + [0.0, opening]  # lower inner lip below the upper
     faces[4] = faces[4] * [0.6, 1.0] + [80.0, 0.0]  # the closest mouth, but the face squashed sideways
     transforms = crop_transforms(faces, CropSpec(CROP_BOX, 128))
-    assert reference_frame(faces, transforms) == 2
+    assert closed_mouth_frame(faces, transforms) == 2
     transforms[2] = np.nan  # no face there
-    assert reference_frame(faces, transforms) == 1
+    assert closed_mouth_frame(faces, transforms) == 1
 
 
 @pytest.mark.parametrize("kind", [CROP_FACE, CROP_LIPS, CROP_BOX])
@@ -141,22 +142,44 @@ def test_border_mask_and_colour_match():
     assert np.allclose(matched.mean((0, 1)), src.mean((0, 1)), atol=1e-3)
 
 
-class Tiny(torch.nn.Module):
-    def __init__(self, width=3):
+WIDTH = 3
+
+
+class Tiny(SelfDescribing):
+    name = "tiny"
+
+    def __init__(self, width=WIDTH, depth: int = 1, **extra):
         super().__init__()
-        self.init_kwargs = {"width": width}
         self.layer = torch.nn.Linear(width, 2)
 
 
-def test_checkpoint_round_trip(tmp_path):
-    model = Tiny(5)
+class TinyChild(Tiny):
+    name = "tiny_child"
+
+    def __init__(self, scale: float = 2.0):
+        super().__init__(width=4)
+
+
+def test_checkpoint_captures_every_constructor_argument(tmp_path):
+    model = Tiny(5, colour="red")
+    assert model.init_kwargs == {"width": 5, "depth": 1, "colour": "red"}  # defaults and **extra too
+    assert TinyChild().init_kwargs == {"scale": 2.0}  # the outermost constructor is what rebuilds it
     path = tmp_path / "m.pt"
     save_model(model, path, meta={"steps": 7}, half=True)
     package = load_package(path)
-    assert package["class"] == "Tiny" and package["kwargs"] == {"width": 5}
-    loaded = load_model(path, {"Tiny": Tiny})
-    assert loaded.meta["steps"] == 7
+    assert package["name"] == "tiny" and package["kwargs"] == {"width": 5, "depth": 1, "colour": "red"}
+    assert package["meta"]["state_sha256"] == state_sha256(package["state"])
+    loaded = load_model(path, {"tiny": Tiny})
+    assert loaded.meta["steps"] == 7 and loaded.init_kwargs == model.init_kwargs
     assert torch.allclose(loaded.layer.weight, model.layer.weight, atol=1e-2)
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Files written before checkpoints carried registry names are found by class name."""
+    model = Tiny(5)
+    path = tmp_path / "old.pt"
+    torch.save({"format": 1, "class": "Tiny", "kwargs": {"width": 5}, "state": model.state_dict(), "meta": {}}, path)
+    assert load_model(path, {"tiny": Tiny}).init_kwargs == {"width": 5, "depth": 1}
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -1,20 +1,31 @@
-"""The one registry of backbones and their pretrained weights.
+"""The one registry of models (generators and the sync expert) and their shipped weights.
 
 `load_backbone("dck")` builds the model from `weights/dck.pt` (a self-describing checkpoint).
 A backbone without trained weights is an error that says so: the tool never fakes output.
+Adding a backbone: one model file here, one recipe in dubber/train/recipes/, one line in BUILTIN.
 """
 
+import importlib
 import os
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-from dubber.backbones.base import CROP_BOX, CROP_FACE, CROP_LIPS, Backbone, CropSpec, Generated
+from dubber.backbones.base import (CONDITION_CLOSED_MOUTH, CONDITION_FIRST_FACE, CONDITION_NONE, Backbone,
+                                   Generated)
 from dubber.errors import DubberError
+from dubber.face.crops import CROP_BOX, CROP_FACE, CROP_LIPS, CropSpec
 
 WEIGHTS_DIR = Path(os.environ.get("DUBBER_WEIGHTS", Path(__file__).resolve().parents[2] / "weights"))
 
-# Backbones named by the project; those not yet implemented are listed so the error can say so.
-PLANNED = ("dck", "mia", "amie", "cran", "glance")
+# Registry name -> the module that defines it (imported on first use, so `dubber --help` stays fast).
+BUILTIN = {
+    "dck": "dubber.backbones.dck",
+    "syncnet": "dubber.backbones.syncnet",  # the lip-sync expert: eval's judge, a training loss
+    "toy_frame": "dubber.backbones.toy",  # reference backbones for the contract, see toy.py
+    "toy_clip": "dubber.backbones.toy",
+}
+# Named by the project but not implemented yet: the error can say so.
+PLANNED = ("mia", "amie", "cran", "glance")
 DEFAULT_VIDEO_BACKBONE = "dck"
 DEFAULT_PHOTO_BACKBONE = "dck"
 
@@ -22,49 +33,55 @@ _REGISTRY: Dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Class decorator: make a Backbone subclass available under cls.name."""
+    """Class decorator: make a model available under cls.name."""
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def available() -> Dict[str, type]:
-    _import_builtin()
+def models() -> Dict[str, type]:
+    """Every registered model (generators and experts) by name."""
+    for module in sorted(set(BUILTIN.values())):
+        importlib.import_module(module)
     return dict(_REGISTRY)
+
+
+def available() -> Dict[str, type]:
+    """The generators (Backbone subclasses) by name."""
+    return {name: cls for name, cls in models().items() if issubclass(cls, Backbone)}
 
 
 def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.pt"
 
 
-def load_backbone(name: str, weights: Optional[Union[str, Path]] = None) -> Backbone:
-    """Build backbone `name` with its trained weights (or the file `weights`), in eval mode, on CPU."""
+def load(name: str, weights: Optional[Union[str, Path]] = None):
+    """Build model `name` with its trained weights (or the file `weights`), in eval mode, on CPU."""
     from dubber.checkpoint import load_model
 
-    registry = available()
+    registry = models()
     if name not in registry:
         if name in PLANNED:
-            raise DubberError(f"backbone {name!r} is not implemented yet; available: {', '.join(sorted(registry))}")
-        raise DubberError(f"unknown backbone {name!r}; available: {', '.join(sorted(registry))}")
+            raise DubberError(f"backbone {name!r} is not implemented yet; available: {', '.join(sorted(available()))}")
+        raise DubberError(f"unknown backbone {name!r}; available: {', '.join(sorted(available()))}")
     cls = registry[name]
-    if not cls.needs_weights:
+    if not getattr(cls, "needs_weights", True) and weights is None:
         return cls().eval()
     path = Path(weights) if weights else weights_path(name)
     if not path.is_file():
-        raise DubberError(f"no trained weights for backbone {name!r} (train with `dubber train --backbone {name}`)", path)
-    return load_model(path, {c.__name__: c for c in registry.values()})
+        raise DubberError(f"no trained weights for {name!r} (train with `dubber train --backbone {name}`)", path)
+    model = load_model(path, registry)
+    if not isinstance(model, cls):
+        raise DubberError(f"weights hold model {model.name!r}, not {name!r}", path)
+    return model
 
 
-def _import_builtin() -> None:
-    # Imported lazily so `dubber --help` stays fast; each module registers itself.
-    import importlib
-
-    for module in ("dck",):
-        try:
-            importlib.import_module(f"dubber.backbones.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dubber.backbones.{module}":
-                raise
+def load_backbone(name: str, weights: Optional[Union[str, Path]] = None) -> Backbone:
+    """A generator by name (see `load`); the sync expert is not one."""
+    if name in models() and name not in available():
+        raise DubberError(f"{name!r} is not a generator backbone; available: {', '.join(sorted(available()))}")
+    return load(name, weights)
 
 
-__all__ = ["Backbone", "CropSpec", "Generated", "CROP_BOX", "CROP_FACE", "CROP_LIPS",
-           "register", "available", "load_backbone", "weights_path", "WEIGHTS_DIR"]
+__all__ = ["Backbone", "CropSpec", "Generated", "CROP_BOX", "CROP_FACE", "CROP_LIPS", "CONDITION_CLOSED_MOUTH",
+           "CONDITION_FIRST_FACE", "CONDITION_NONE", "register", "models", "available", "load", "load_backbone",
+           "weights_path", "WEIGHTS_DIR"]

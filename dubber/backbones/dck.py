@@ -15,29 +15,26 @@ we train self-supervised on real video instead of on synthetic Wav2Lip pairs (du
 """
 
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from dubber.backbones import register
-from dubber.backbones.base import CROP_BOX, Backbone, CropSpec, Generated
+from dubber.backbones.base import CONDITION_CLOSED_MOUTH, Backbone, Generated
 from dubber.backbones.blocks import (AUDIO_EMBED_DIM, LEAKY_SLOPE, AudioEncoder, ConvNormAct, DynamicConv1x1,
                                      ResidualBlock, UpConv)
+from dubber.face.crops import CROP_BOX, CropSpec
 
-SIZE = 128  # crop side in pixels; must be divisible by 2**N_DOWN
+SIZE = 128  # crop side in pixels; must be divisible by 2 ** (number of down-sampling layers)
 ENCODER_WIDTHS = (16, 32, 64, 128, 128, 128)  # stem, then after each of the 5 down-sampling layers
-N_DOWN = len(ENCODER_WIDTHS) - 1
 N_DYNAMIC = 4  # middle layers with dynamic kernels
-MIDDLE_WIDTH = ENCODER_WIDTHS[-1]
 # Hidden width of each kernel generator. Its last layer emits C * (C + 1) values per layer and
 # dominates the file size: 4 layers x 64 x 128 x 129 = 4.2 M parameters (8.5 MB in fp16).
 KERNEL_HIDDEN = 64
 # Residual blocks after the down-sampling layers at these depths (1-based): the cheap,
 # low-resolution levels, where extra capacity costs little time per frame.
 RESIDUAL_DEPTHS = (3, 4)
-
-DISC_WIDTHS = (32, 64, 128, 256)  # LSGAN patch discriminator
 
 # The blend base I shows another frame's mouth inside this feathered ellipse over mouth and chin
 # (crop fractions; feather in units of the radius): the frame's own mouth speaks other words.
@@ -80,64 +77,72 @@ def mask_lower_half(faces: torch.Tensor) -> torch.Tensor:
 
 @register
 class DCK(Backbone):
-    """forward(faces [B,3,S,S], mels [B,1,80,16], references [B,3,S,S], mouth_donors=None)
-    -> Generated(images, alpha).
+    """forward(faces [B,T,3,S,S], mels [B,T,1,80,16], identity [B,3,S,S], mouth_donors=None)
+    -> Generated(images, alpha), frame by frame (window 1; T > 1 is a batch of frames).
 
-    faces are the frames to re-voice, references frames of the same person (texture); all RGB in
-    [0, 1]. The blend base I is faces with the mouth of mouth_donors (default: the references),
-    never the frame's own mouth, which speaks other words and would show through I * (1 - alpha).
-    Output images [B, 3, S, S] in [0, 1] and alpha [B, 1, S, S] in [0, 1].
+    faces are the frames to re-voice, identity a frame of the same person (the reference: texture);
+    all RGB in [0, 1]. The blend base I is faces with the mouth of mouth_donors ([B,T,3,S,S];
+    default: the identity frame), never the frame's own mouth, which speaks other words and would
+    show through I * (1 - alpha). Output images [B,T,3,S,S] in [0, 1] and alpha [B,T,1,S,S].
+    Every width is a constructor argument, so a checkpoint describes its model completely.
     """
 
     name = "dck"
     crop = CropSpec(CROP_BOX, SIZE)
-    mel_width = 16
-    needs_reference = True
+    conditioning = CONDITION_CLOSED_MOUTH
     returns_alpha = True
 
-    def __init__(self, size: int = SIZE):
-        super().__init__(size=size)
-        if size % 2 ** N_DOWN:
-            raise ValueError(f"DCK crop size must be divisible by {2 ** N_DOWN}, got {size}")
+    def __init__(self, size: int = SIZE, encoder_widths: Sequence[int] = ENCODER_WIDTHS,
+                 n_dynamic: int = N_DYNAMIC, kernel_hidden: int = KERNEL_HIDDEN,
+                 residual_depths: Sequence[int] = RESIDUAL_DEPTHS):
+        super().__init__()
+        widths, n_down = tuple(encoder_widths), len(encoder_widths) - 1
+        if size % 2 ** n_down:
+            raise ValueError(f"DCK crop size must be divisible by {2 ** n_down}, got {size}")
         self.crop = CropSpec(CROP_BOX, size)
-        widths = ENCODER_WIDTHS
+        middle = widths[-1]
 
         self.stem = ConvNormAct(6, widths[0], 3)
         self.down = nn.ModuleList()
-        for depth in range(1, N_DOWN + 1):
+        for depth in range(1, n_down + 1):
             layers = [ConvNormAct(widths[depth - 1], widths[depth], 3, stride=2)]
-            if depth in RESIDUAL_DEPTHS:
+            if depth in residual_depths:
                 layers.append(ResidualBlock(widths[depth]))
             self.down.append(nn.Sequential(*layers))
 
         self.audio_encoder = AudioEncoder(AUDIO_EMBED_DIM)
         self.dynamic = nn.ModuleList(
-            DynamicConv1x1(MIDDLE_WIDTH, MIDDLE_WIDTH, AUDIO_EMBED_DIM, KERNEL_HIDDEN) for _ in range(N_DYNAMIC))
-        self.dynamic_norms = nn.ModuleList(nn.BatchNorm2d(MIDDLE_WIDTH) for _ in range(N_DYNAMIC))
+            DynamicConv1x1(middle, middle, AUDIO_EMBED_DIM, kernel_hidden) for _ in range(n_dynamic))
+        self.dynamic_norms = nn.ModuleList(nn.BatchNorm2d(middle) for _ in range(n_dynamic))
         self.act = nn.LeakyReLU(LEAKY_SLOPE)
 
         # Up-sampling layer at depth d takes the map from depth d (the middle's output at the
         # bottom) to depth d-1, concatenated with the encoder's skip at depth d-1.
         self.up = nn.ModuleList()
-        in_channels = MIDDLE_WIDTH
-        for depth in range(N_DOWN, 0, -1):
+        in_channels = middle
+        for depth in range(n_down, 0, -1):
             out_channels = widths[depth - 1]
             self.up.append(UpConv(in_channels, out_channels))
             in_channels = 2 * out_channels
         # Channel 0: alpha logits; channels 1-3: motion image logits. No norm: plain output layer.
         self.head = nn.Conv2d(in_channels, 4, 3, padding=1)
 
-    def forward(self, faces: torch.Tensor, mels: torch.Tensor, references: Optional[torch.Tensor] = None,
-                mouth_donors: Optional[torch.Tensor] = None) -> Generated:
-        if references is None:
-            raise ValueError("DCK needs reference frames")
+    def forward(self, faces: torch.Tensor, mels: torch.Tensor, identity: Optional[torch.Tensor] = None,
+                state: Any = None, mouth_donors: Optional[torch.Tensor] = None) -> Generated:
+        if identity is None:
+            raise ValueError("DCK needs an identity frame (its reference)")
         size = self.crop.size
-        if faces.shape[1:] != (3, size, size) or references.shape != faces.shape:
-            raise ValueError(f"faces and references must be [B, 3, {size}, {size}], "
-                             f"got {tuple(faces.shape)} and {tuple(references.shape)}")
-        base = with_mouth_of(faces, references if mouth_donors is None else mouth_donors)
-        alpha, motion = self.alpha_motion(base, mels, references)
-        return Generated(images=blend(base, alpha, motion), alpha=alpha)
+        if faces.dim() != 5 or faces.shape[2:] != (3, size, size) or identity.shape != (faces.shape[0], 3, size, size):
+            raise ValueError(f"faces must be [B, T, 3, {size}, {size}] and identity [B, 3, {size}, {size}], "
+                             f"got {tuple(faces.shape)} and {tuple(identity.shape)}")
+        batch, frames = faces.shape[:2]
+        flat = faces.flatten(0, 1)
+        references = identity[:, None].expand(-1, frames, -1, -1, -1).flatten(0, 1)
+        donors = references if mouth_donors is None else mouth_donors.flatten(0, 1)
+        base = with_mouth_of(flat, donors)
+        alpha, motion = self.alpha_motion(base, mels.flatten(0, 1), references)
+        images = blend(base, alpha, motion)
+        return Generated(images=images.view(faces.shape), alpha=alpha.view(batch, frames, 1, size, size))
 
     def alpha_motion(self, faces: torch.Tensor, mels: torch.Tensor, references: torch.Tensor):
         """-> alpha [B, 1, S, S], motion image M [B, 3, S, S], both in [0, 1]."""
@@ -155,26 +160,3 @@ class DCK(Backbone):
             x = torch.cat([layer(x), skips.pop()], dim=1)
         out = torch.sigmoid(self.head(x))
         return out[:, :1], out[:, 1:]
-
-
-class PatchDiscriminator(nn.Module):
-    """LSGAN patch discriminator: images [B, 3, S, S] in [0, 1] -> realness scores [B, 1, S/16, S/16].
-
-    Unnormalised scores; LSGAN pushes real towards 1 and generated towards 0. Used only in training.
-    """
-
-    def __init__(self, widths=DISC_WIDTHS):
-        super().__init__()
-        layers, in_channels = [], 3
-        for index, width in enumerate(widths):
-            layers.append(nn.Conv2d(in_channels, width, 4, 2, 1))
-            if index:  # no norm on the first layer, as in pix2pix
-                layers.append(nn.InstanceNorm2d(width, affine=True))
-            layers.append(nn.LeakyReLU(LEAKY_SLOPE, inplace=True))
-            in_channels = width
-        layers.append(nn.Conv2d(in_channels, 1, 3, 1, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Centre on 0 so the first layer sees zero-mean input.
-        return self.net(images * 2 - 1)

@@ -1,1 +1,2 @@
-"""Evaluation: image/sharpness/landmark/sync metrics (metrics.py) and the SyncNet sync expert (syncnet.py)."""
+"""Evaluation: the protocol (run.py), metrics without a model (metrics.py) and sync scores with the
+expert (sync.py). Training may use metrics.py and sync.py; nothing here imports training."""

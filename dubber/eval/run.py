@@ -12,7 +12,7 @@ For every clip the real video is the target. Each system produces a video of the
 
 Every system's frames are aligned with the same RSA alignment as the pipeline (landmarks found
 in the system's own frames, at the real face's box) and compared frame by frame with the real
-ones. Metrics are defined in dubber.eval.metrics and dubber.eval.syncnet.
+ones. Metrics are defined in dubber.eval.metrics and dubber.eval.sync (with the expert of dubber.backbones.syncnet).
 """
 
 import csv
@@ -27,17 +27,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from dubber import audio, media
-from dubber.backbones import CROP_FACE, CropSpec
 from dubber.errors import DubberError
 from dubber.eval import metrics
+from dubber.face.crops import CROP_FACE, CropSpec
 from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.landmarks import mouth_aperture, predict_landmarks
 from dubber.face.track import track_faces
 
 METRIC_CROP = CropSpec(CROP_FACE, 128)  # PSNR / SSIM / CPBD / LMD are measured on these aligned crops
-SYNC_CROP = CropSpec(CROP_FACE, 96)  # the sync expert sees the lower half of these
 SHIFT_SECONDS = 0.5
-SPEECH_LEVEL = 0.2  # a frame has speech when its envelope exceeds this fraction of the clip's 95th percentile
 SHEET_FRAMES = 6  # frames per row of a contact sheet
 DATASETS = ("grid", "lrw", "folder")
 BASELINES = ("ground_truth", "static_frame", "shifted_audio")
@@ -62,7 +60,7 @@ def list_clips(dataset: str, root: Path, split: Optional[Path] = None, limit: Op
     if split is not None:
         files = _split_files(Path(split), root)
     elif dataset == "grid":
-        from dubber.train.data import grid_split
+        from dubber.data import grid_split
 
         files = grid_split(root)["val"]
     elif dataset == "lrw":
@@ -167,7 +165,7 @@ class Evaluator:
 
     def _speech(self, wav: np.ndarray, n: int, fps: float) -> Speech:
         times = np.arange(n) / fps
-        mels = audio.mel_windows(audio.log_mel(wav), times, 16) if self.sync_expert is not None else None
+        mels = audio.mel_windows(audio.log_mel(wav), times, audio.MEL_WINDOW) if self.sync_expert is not None else None
         return Speech(audio.envelope(wav, times), mels)
 
     def _sync(self, frames, landmarks, speech: Speech, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
@@ -181,12 +179,13 @@ class Evaluator:
             window = max(3, int(round(metrics.HIGH_PASS_SECONDS * fps)) | 1)
             curves.append((metrics.high_pass(aperture, window), metrics.high_pass(env, window), corr.corr_at_zero))
         if self.sync_expert is not None:
-            from dubber.eval.syncnet import mouths_from_faces, sync_scores
+            from dubber.backbones.syncnet import FACE_CROP, mouths_from_faces
+            from dubber.eval.sync import sync_scores
 
-            transforms = crop_transforms(np.nan_to_num(landmarks), SYNC_CROP)
-            faces = np.stack([warp_crop(f, m, SYNC_CROP.size)[..., ::-1] for f, m in zip(frames, transforms)])
+            transforms = crop_transforms(np.nan_to_num(landmarks), FACE_CROP)
+            faces = np.stack([warp_crop(f, m, FACE_CROP.size)[..., ::-1] for f, m in zip(frames, transforms)])
             mouths = mouths_from_faces(faces)
-            speech = loudness > SPEECH_LEVEL * np.percentile(loudness, 95)
+            speech = audio.speech_frames(loudness)
             scores = sync_scores(self.sync_expert, mouths, mels, speech=speech & valid)
             result.update(lse_d=scores["lse_d"], lse_c=scores["lse_c"], lse_d0=scores["lse_d0"],
                           lse_c0=scores["lse_c0"], sync_offset=scores["offset"],
@@ -349,15 +348,13 @@ def summarise(rows: List[Dict[str, object]], systems: Sequence[str]) -> Dict[str
 
 def load_sync_expert(path: Optional[Path] = None):
     """The project's trained SyncNet (weights/syncnet.pt by default), in eval mode on the CPU."""
-    from dubber.backbones import weights_path
-    from dubber.checkpoint import load_model
-    from dubber.eval.syncnet import SyncNet
+    from dubber.backbones import load, weights_path
 
     path = Path(path) if path else weights_path("syncnet")
     if not path.is_file():
         raise DubberError("no sync expert weights (train with `dubber train --backbone syncnet`, "
                           "or pass --no-sync-expert to skip LSE-D/LSE-C)", path)
-    return load_model(path, {"SyncNet": SyncNet})
+    return load("syncnet", path)
 
 
 def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = (), mode: str = "video",

@@ -1,75 +1,73 @@
-"""Training: corpus -> preprocess cache -> clips -> a model file in weights/.
+"""Training: corpus -> preprocess cache -> clips -> one loop (dubber.train.loop) with the model's
+recipe (dubber.train.recipes) -> a self-describing model file.
 
-`train_from_corpus` is the plain-Python form of `dubber train`; the loops themselves live in
-dck.py (the DCK backbone) and syncnet.py (the lip-sync expert used by eval and as a loss).
+`train_from_corpus` is the plain-Python form of `dubber train --backbone NAME`.
 """
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from dubber.errors import DubberError
 
-TRAINABLE = ("dck", "syncnet")
+VAL_CLIPS = 8  # held-out clips scored at each validation (spread over the val identities)
 
 
-def hardware_description(device) -> str:
-    """What trained a model, for its checkpoint's meta: GPU name, or CPU model + torch threads."""
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{name}, {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def train_from_corpus(model: str, data_root: Path, cache_dir: Path, out_path: Path, steps: int,
+def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Path, steps: int,
                       batch_size: Optional[int] = None, device: str = "auto", grid_every: int = 3,
-                      resume: bool = True, sync_expert: Optional[Path] = None,
-                      log: Callable[[str], None] = print) -> Path:
-    """Train `model` ("dck" or "syncnet") on the train split of `data_root`; returns the written file.
+                      resume: bool = True, sync_expert: Optional[Path] = None, val_every: int = 0,
+                      patience: int = 0, log_every: int = 50, checkpoint_every: int = 500, workers: int = 2,
+                      hyperparameters: Optional[Dict[str, object]] = None, seed: int = 0,
+                      log: Callable[[str], None] = print, progress=None) -> Path:
+    """Train registered model `name` on the train split of `data_root`; returns the written file.
 
     grid_every: use every n-th GRID training sentence (GRID is one speaker and identity sampling
-    draws it rarely; caching all 900 only costs time).
+    draws it rarely). Validation (val_every > 0) uses the val split's identities: VAL_CLIPS clips.
     """
-    from dubber.pipeline import select_device
-    from dubber.train import data
+    import torch
 
-    if model not in TRAINABLE:
-        raise DubberError(f"cannot train {model!r}; trainable: {', '.join(TRAINABLE)}")
+    from dubber import data
+    from dubber.train.loop import train
+    from dubber.train.recipes import recipe_for
+
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise DubberError("training data folder not found", data_root)
-    items = data.corpus(data_root, "train", grid_every)
-    log(f"{len(items)} training files, {len({i['identity'] for i in items})} identities; caching to {cache_dir}")
-    data.build_cache(items, cache_dir, log)
-    device_name = str(select_device(device))
-    meta = {"data": f"{data_root} train split: GRID s1 every {grid_every}th of the first 900 sentences + "
-                    "manifest_wild.csv train clips with speech and a trusted lag estimate"}
-    if model == "syncnet":
-        from dubber.train.syncnet import train_syncnet
-
-        clips = data.load_clips(items, cache_dir, with_faces=False)
-        log(f"{len(clips)} clips, {sum(len(c['mels']) for c in clips)} frames")
-        train_syncnet(clips, out_path, steps, batch_size or 64, device=device_name, resume=resume,
-                      data_meta=meta, log=log)
-        return Path(out_path)
-    from dubber.train.dck import train_dck
-
-    clips = data.load_clips(items, cache_dir, crop="box128", with_mouths=False)
-    log(f"{len(clips)} clips, {sum(len(c['faces']) for c in clips)} frames")
-    expert = None
+    overrides = dict(hyperparameters or {})
+    if batch_size:
+        overrides["batch_size"] = batch_size
     if sync_expert is not None:
-        from dubber.eval.run import load_sync_expert
+        overrides["sync_expert"] = str(sync_expert)
+    recipe = recipe_for(name, **overrides)
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
 
-        expert = load_sync_expert(sync_expert)
-    train_dck(clips, out_path, steps, batch_size or 16, device=device_name, resume=resume, log=log,
-              sync_expert=expert, data_meta=meta)
+    items = data.corpus(data_root, "train", grid_every)
+    val_items = _spread(data.corpus(data_root, "val"), VAL_CLIPS) if val_every else []
+    specs = list(recipe.crops())
+    log(f"{len(items)} training files, {len({i['identity'] for i in items})} identities; caching to {cache_dir}")
+    data.build_cache(items + val_items, cache_dir, specs, workers=workers, progress=progress, log=log)
+    clips = data.load_clips(items, cache_dir, specs)
+    val_clips = data.load_clips(val_items, cache_dir, specs) if val_items else []
+    log(f"{len(clips)} clips, {sum(len(c['mels']) for c in clips)} frames; {len(val_clips)} validation clips")
+    meta = {"source": f"{data_root} train split: GRID s1 every {grid_every}th training sentence + "
+                      "manifest_wild.csv train clips with speech and a trusted lag estimate",
+            "validation_clips": [c["name"] for c in val_clips]}
+    train(recipe, clips, out_path, steps, val_clips=val_clips, device=device, seed=seed, resume=resume,
+          log_every=log_every, checkpoint_every=checkpoint_every, val_every=val_every, patience=patience,
+          data_meta=meta, log=log, progress=progress)
     return Path(out_path)
+
+
+def _spread(items, count: int):
+    """At most `count` items, one identity after another (round robin), so validation covers people."""
+    by_identity: Dict[str, list] = {}
+    for item in items:
+        by_identity.setdefault(item["identity"], []).append(item)
+    chosen, groups = [], list(by_identity.values())
+    while groups and len(chosen) < count:
+        for group in list(groups):
+            if len(chosen) < count:
+                chosen.append(group.pop(0))
+            if not group:
+                groups.remove(group)
+    return chosen

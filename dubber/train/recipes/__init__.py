@@ -1,0 +1,99 @@
+"""Training recipes: how each registered model is trained. The loop (dubber.train.loop) owns the
+rest -- RNG, checkpoints, resume, logging, validation, early stopping, shipping.
+
+A recipe is a dataclass whose fields are its hyperparameters (defaults: the named constants of
+its module); they are recorded in the shipped file's meta. The recipe of model NAME lives in the
+module named like NAME's model module (dubber.backbones.BUILTIN), registered with @recipe.
+"""
+
+import dataclasses
+import importlib
+from typing import Any, ClassVar, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from dubber.errors import DubberError
+from dubber.face.crops import CropSpec
+
+_RECIPES: Dict[str, type] = {}
+
+
+def recipe(cls: type) -> type:
+    """Class decorator: the recipe for model cls.model."""
+    _RECIPES[cls.model] = dataclasses.dataclass(cls)
+    return _RECIPES[cls.model]
+
+
+def recipe_for(name: str, **hyperparameters) -> "Recipe":
+    """The recipe of registered model `name`, with hyperparameters overridden."""
+    from dubber.backbones import BUILTIN
+
+    module = BUILTIN.get(name)
+    if module is not None:
+        try:
+            importlib.import_module(f"{__name__}.{module.rsplit('.', 1)[1]}")
+        except ModuleNotFoundError as exc:
+            if not exc.name.startswith(__name__):
+                raise
+    if name not in _RECIPES:
+        raise DubberError(f"no training recipe for {name!r}; trainable: {', '.join(sorted(trainable()))}")
+    fields = {f.name for f in dataclasses.fields(_RECIPES[name])}
+    unknown = set(hyperparameters) - fields
+    if unknown:
+        raise DubberError(f"recipe {name!r} has no hyperparameter {', '.join(sorted(unknown))}")
+    return _RECIPES[name](**hyperparameters)
+
+
+def trainable() -> List[str]:
+    """Names of the registered models that have a recipe."""
+    from dubber.backbones import BUILTIN
+
+    for module in sorted(set(BUILTIN.values())):
+        try:
+            importlib.import_module(f"{__name__}.{module.rsplit('.', 1)[1]}")
+        except ModuleNotFoundError as exc:
+            if not exc.name.startswith(__name__):
+                raise
+    return sorted(_RECIPES)
+
+
+class Recipe:
+    """Base of the recipes. Subclasses set the class attributes, add hyperparameter fields and
+    implement build / optimizers / anchors / train_step / validate."""
+
+    model: ClassVar[str] = ""  # registry name of the model it ships
+    identity_power: ClassVar[float] = 0.0  # IdentitySampler's weighting (0: identities uniformly)
+    select_metric: ClassVar[str] = ""  # validation figure that selects the shipped step
+    select_mode: ClassVar[str] = "min"  # "min" or "max"
+    ship_half: ClassVar[bool] = True  # store the shipped model in fp16
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def crops(self) -> Sequence[CropSpec]:
+        """Crops the clips must carry (dubber.data.load_clips)."""
+        raise NotImplementedError
+
+    def build(self) -> Dict[str, torch.nn.Module]:
+        """Named modules, freshly initialised; "model" is the one shipped."""
+        raise NotImplementedError
+
+    def optimizers(self, modules: Dict[str, torch.nn.Module]) -> Dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def anchors(self, clip: dict) -> np.ndarray:
+        """Frames of a clip a sample may be built around (see dubber.train.sampler)."""
+        raise NotImplementedError
+
+    def train_step(self, modules, optimizers, sampler, rng: np.random.Generator, step: int,
+                   device: torch.device) -> Dict[str, float]:
+        """Draw a batch with `rng`, take the optimiser steps, return the losses."""
+        raise NotImplementedError
+
+    def validate(self, modules, clips: Sequence[dict], device: torch.device) -> Dict[str, float]:
+        """Validation figures on held-out clips (names start with "val_")."""
+        return {}
+
+    def finish(self, modules, sampler, rng: np.random.Generator, device: torch.device) -> None:
+        """Last touches before shipping (e.g. BatchNorm statistics); after the resumable state is saved."""

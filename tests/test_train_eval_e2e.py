@@ -1,7 +1,9 @@
-"""`dubber train` and `dubber eval` through the real CLI, on a tiny corpus the test makes.
+"""`dubber train`, `dubber lipsync` and `dubber eval` through the real CLI, on a tiny corpus the
+test makes: DCK, the sync expert, and the two reference backbones of the temporal contract
+(toy_frame: window 1; toy_clip: window 16 with overlap and carried state).
 
-The corpus has the layout of ../shared/data (grid/<speaker>/*.mp4, manifest_wild.csv), so the same
-loaders, cache and trainers run as on the real data, only for a few steps.
+The corpus has the layout of ../shared/data (grid/<speaker>/*.mp4, wild/, manifest_wild.csv with a
+val identity), so the same loaders, cache, loop and recipes run as on the real data, for a few steps.
 """
 
 import csv
@@ -19,16 +21,20 @@ def corpus(tmp_path_factory):
     speaker.mkdir(parents=True)
     for k in range(3):
         helpers.make_face_video(speaker / f"utt{k}.mp4", seconds=1.4, fps=25, size=(192, 160), audio=True, marker=False)
-    (root / "manifest_wild.csv").write_text("file,audio,audio_silent,split,sync_lag_est,sync_peak_est\n")
+    (root / "wild").mkdir()
+    helpers.make_face_video(root / "wild" / "held_out.mp4", seconds=1.4, fps=25, size=(192, 160), audio=True, marker=False)
+    (root / "manifest_wild.csv").write_text("file,audio,audio_silent,split,sync_lag_est,sync_peak_est,note\n"
+                                            "wild/held_out.mp4,yes,no,val,0,0.5,id=someone_else; made by the test\n")
     return root
 
 
-def train(backbone, corpus, tmp_path, steps, batch_size):
+def train(backbone, corpus, tmp_path, steps, batch_size, *extra):
     """`dubber train` on the tiny corpus -> (exit code, stdout, stderr, weights path)."""
-    weights = tmp_path / f"{backbone}.pt"
+    weights = tmp_path / "weights" / f"{backbone}.pt"
     code, out, err = helpers.run_cli_subprocess(
         ["train", "--backbone", backbone, "--data", corpus, "--cache", tmp_path / "cache", "--out", weights,
-         "--steps", str(steps), "--batch-size", str(batch_size), "--grid-every", "1", "--device", "cpu", "-q"])
+         "--steps", str(steps), "--batch-size", str(batch_size), "--grid-every", "1", "--device", "cpu",
+         "--workers", "1", "-q", *extra])
     return code, out, err, weights
 
 
@@ -40,7 +46,7 @@ def test_train_dck_then_dub_with_the_trained_weights(corpus, tmp_path):
     from dubber.checkpoint import load_package
 
     meta = load_package(weights)["meta"]
-    assert meta["steps"] == 2 and meta["resolution"] == 128 and "data" in meta
+    assert meta["steps"] == 2 and meta["recipe"]["size"] == 128 and meta["data"]["identities"] == 1
     # Resume: asking for more steps continues from the training checkpoint.
     code, _, err, _ = train("dck", corpus, tmp_path, steps=3, batch_size=2)
     assert code == 0, err
@@ -61,7 +67,7 @@ def test_train_syncnet_then_eval_with_it(corpus, tmp_path):
     from dubber.checkpoint import load_package
 
     package = load_package(weights)
-    assert package["class"] == "SyncNet" and package["meta"]["steps"] == 2 and package["meta"]["data"]["clips"] == 3
+    assert package["name"] == "syncnet" and package["meta"]["steps"] == 2 and package["meta"]["data"]["clips"] == 3
     split = tmp_path / "val.txt"
     split.write_text("s9/utt0.mp4\n")
     code, out, err = helpers.run_cli_subprocess(
@@ -119,3 +125,45 @@ def test_eval_without_sync_expert_weights_says_so(tmp_path, monkeypatch):
     helpers.make_face_video(tmp_path / "a.mp4", seconds=0.5, audio=True, marker=False)
     code, _, err = helpers.run_cli_subprocess(["eval", "--dataset", "folder", "--root", tmp_path, "-q"])
     assert code == 1 and "sync expert" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["toy_frame", "toy_clip"])
+def test_contract_backbones_train_dub_and_evaluate(backbone, corpus, tmp_path, monkeypatch):
+    """A window-1 and a window-16 stateful backbone through train (with validation on the held-out
+    identity), lipsync (photo; video with a faceless stretch mid-way and audio longer than it) and eval."""
+    code, out, err, weights = train(backbone, corpus, tmp_path, 3, 2, "--val-every", "2")
+    assert code == 0, err
+    from dubber.checkpoint import load_package
+
+    meta = load_package(weights)["meta"]
+    assert meta["steps"] == 3 and meta["selected_step"] in (2, 3) and "val_lmd" in meta["validation"]
+    assert meta["data"]["validation_clips"] == ["held_out#0"]
+
+    speech = helpers.make_tone_speech(tmp_path / "speech.wav", 2.6)
+    photo_out = tmp_path / "photo.mp4"
+    code, _, err = helpers.run_cli_subprocess(["lipsync", helpers.FACE_PHOTO, speech, "-o", photo_out,
+                                               "--backbone", backbone, "--weights", weights])
+    assert code == 0, err
+    assert helpers.summary_counts(err) == (65, 65, 0)
+
+    video = helpers.make_face_video(tmp_path / "gap.mp4", seconds=1.2, fps=25, blank=range(12, 18), marker=False)
+    video_out = tmp_path / "video.mp4"
+    code, _, err = helpers.run_cli_subprocess(["lipsync", video, speech, "-o", video_out,
+                                               "--backbone", backbone, "--weights", weights])
+    assert code == 0, err
+    # 65 frames: forward 0..29, back 28..0, forward 1..5; frames 12-17 have no face each way.
+    frames, dubbed, faceless = helpers.summary_counts(err)
+    assert frames == 65 and faceless == 12 and dubbed == 53
+    assert "played forward and back" in err
+
+    monkeypatch.setenv("DUBBER_WEIGHTS", str(weights.parent))
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    helpers.make_face_video(clips / "a.mp4", seconds=1.2, fps=25, audio=True, marker=False)
+    code, out, err = helpers.run_cli_subprocess(["eval", "--dataset", "folder", "--root", clips, "--backbone", backbone,
+                                                 "--no-sync-expert", "--out", tmp_path / "report", "-q"])
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "report" / "clips.csv")))
+    assert [r["system"] for r in rows] == ["ground_truth", "static_frame", "shifted_audio", backbone]
+    assert float(rows[-1]["psnr"]) < 100 and float(rows[-1]["lmd"]) >= 0

@@ -11,11 +11,12 @@ Memory is bounded by one call's frames whatever the length of the stream.
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from dubber.backbones.base import Backbone
+if TYPE_CHECKING:  # torch is imported when a Generator is built, not when the CLI starts
+    from dubber.backbones.base import Backbone
 
 BATCH_FRAMES = 16  # frames per backbone call (stateless backbones: whole windows up to this many)
 
@@ -42,7 +43,7 @@ def crossfade_weights(window: int, overlap: int) -> np.ndarray:
 class Generator:
     """A backbone on its device, turning uint8 crop windows into new crops."""
 
-    def __init__(self, backbone: Backbone, device, half: bool = False):
+    def __init__(self, backbone: "Backbone", device, half: bool = False):
         import torch
 
         self.backbone = backbone

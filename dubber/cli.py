@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from dubber.errors import DubberError
+from dubber.apply import BATCH_FRAMES
 from dubber.media import VIDEO_CRF
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -75,7 +76,7 @@ def lipsync(
     detector: str = typer.Option("hog", help="Face detector: hog or cnn."),
     face_index: int = typer.Option(0, help="Which face to dub, 0 = largest."),
     face_box: Optional[str] = typer.Option(None, help="Dub the face overlapping this box: x0,y0,x1,y1."),
-    batch_size: int = typer.Option(16, help="Frames per backbone call."),
+    batch_size: int = typer.Option(BATCH_FRAMES, help="Frames per backbone call."),
     crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (lower is better, 0-51)."),
     jobs: int = typer.Option(1, help="Parallel jobs for batches."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dubber.audio import N_MELS
+
 LEAKY_SLOPE = 0.2  # LeakyReLU slope everywhere; the DCK paper's Lemma 1 covers Leaky ReLU
-N_MELS = 80  # mel bands of dubber.audio (not imported: audio.py pulls in the media stack)
 
 # Audio encoder: Wav2Lip's layout (strides that take 80x16 mel frames down to 1x1), narrower.
 AUDIO_WIDTHS = (16, 32, 64, 128)

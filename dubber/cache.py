@@ -17,7 +17,7 @@ from dubber.face.crops import CROP_BOX, CROP_FACE, CropSpec
 
 CACHE_VERSION = 2  # 2: adds `envelope`
 READABLE_VERSIONS = (1, 2)  # version-1 files load without `envelope` (speech unknown)
-KEEP_FRAMES_BYTES = 512 << 20  # decoded frames held between tracking and cropping (one decode); longer inputs decode twice
+KEEP_FRAMES_BYTES = 1 << 30  # decoded frames held between tracking and cropping (one decode); longer inputs decode twice
 PathLike = Union[str, Path]
 
 

@@ -16,12 +16,13 @@ DETECT_MAX_SIDE = 480  # px: frames are shrunk to this before detection (speed; 
 HOG_UPSAMPLE_BELOW = 400  # px: smaller frames are upsampled once so 40 px faces are still found
 DETECTORS = ("hog", "cnn")
 # Re-detection near a tracked face: a square region ROI_SCALE face sides wide, scaled so the face
-# is about ROI_FACE_SIDE px -- what HOG's 80 px window finds without upsampling -- costs ~4 ms
-# against ~40 ms for a full-frame pass on a 360x288 frame (upsampled to 720x576). A face moves
-# far less than the margin (0.3 of its side) between two re-detections; when the region misses
-# it, the tracker searches the whole frame.
-ROI_SCALE = 1.6  # region side / tracked face side
-ROI_FACE_SIDE = 100  # px: the tracked face's side in the scaled region (within a pyramid step, 91-110)
+# is about ROI_FACE_SIDE px -- what HOG's 80 px window finds without upsampling -- costs ~2-3 ms
+# against ~40 ms for a full-frame pass on a 360x288 frame (upsampled to 720x576). The region is
+# centred on the box the landmarks predicted from the previous frame, so its margin (a quarter of
+# the face side) needs to cover one frame's motion; when it misses, the tracker searches the
+# whole frame.
+ROI_SCALE = 1.5  # region side / tracked face side
+ROI_FACE_SIDE = 90  # px: the tracked face's side in the scaled region (within a pyramid step, 82-99)
 PYRAMID_STEP = 6 / 5  # dlib scans an image pyramid, each level 5/6 of the one above (pyramid_down<6>)
 
 

@@ -1,0 +1,94 @@
+"""Audio-visual offsets of training clips, measured with the sync expert.
+
+Many wild clips are not in sync as their sources ship them (-3 frames is common, one film -9), and
+a generator or expert trained on them learns the wrong sync. For every clip (its cache read at lag
+0) the expert scores each speech-centred 5-frame mouth window against the audio at every offset of
+its search (dubber.eval.sync.offset_distances); metrics.lse turns the windows into one curve whose
+minimum is the clip's offset and whose median-minus-minimum (LSE-C) is the confidence. Short
+clips (1.2 s) say little alone, so each identity's windows are also pooled into one curve.
+
+Decision per clip ("lag", frames the mouth trails the sound, the sign of dubber.data's lag): the
+clip's own offset when it has at least MIN_OWN_WINDOWS speech windows and confidence at least
+MIN_CONFIDENCE; else its identity's pooled offset when that is confident; else none (the clip is
+left out of training that needs sync). The table is a CSV the trainer reads (`--offsets`).
+"""
+
+import csv
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from dubber.backbones.syncnet import FACE_CROP, MOUTH_FRAMES, mouths_from_faces
+from dubber.eval.metrics import lse
+from dubber.eval.sync import offset_distances
+
+MIN_OWN_WINDOWS = 50  # speech windows (2 s at 25 fps) before a clip's own curve is trusted alone
+MIN_CONFIDENCE = 0.02  # LSE-C of a curve before its minimum is trusted (see weights/README.md)
+COLUMNS = ("file", "identity", "frames", "speech_windows", "clip_offset", "clip_confidence",
+           "identity_offset", "identity_confidence", "lag", "source")
+
+
+def speech_distances(expert, clip: dict) -> np.ndarray:
+    """[W, O] distances of the clip's speech-centred windows (rows) at every searched offset."""
+    mouths = mouths_from_faces(clip["crops"][FACE_CROP.key])
+    distances = offset_distances(expert, mouths, clip["mels"])
+    half = MOUTH_FRAMES // 2
+    return distances[np.asarray(clip["speech"], bool)[half:half + len(distances)]]
+
+
+def _curve_offset(distances: np.ndarray):
+    """(offset, confidence) of stacked window distances, or (None, 0.0) without a window."""
+    if len(distances) == 0 or np.all(np.isnan(distances)):
+        return None, 0.0
+    scores = lse(distances)
+    return int(round(scores["offset"])), float(scores["lse_c"])
+
+
+def measure_offsets(clips: Sequence[dict], expert, files: Dict[str, str],
+                    log: Callable[[str], None] = print) -> List[dict]:
+    """One table row per source file. clips: dubber.data.load_clips(..., [FACE_CROP]) of items
+    loaded with lag 0 (several runs of one file are pooled); files: clip name prefix (file stem)
+    -> the file's path as the table records it (relative to the data root)."""
+    by_file: Dict[str, List[np.ndarray]] = {}
+    identity_of, frames_of = {}, {}
+    for k, clip in enumerate(clips):
+        stem = clip["name"].rsplit("#", 1)[0]
+        by_file.setdefault(stem, []).append(speech_distances(expert, clip))
+        identity_of[stem] = clip["identity"]
+        frames_of[stem] = frames_of.get(stem, 0) + len(clip["mels"])
+        if (k + 1) % 100 == 0:
+            log(f"offsets: {k + 1}/{len(clips)} clips scored")
+    pooled: Dict[str, List[np.ndarray]] = {}
+    for stem, parts in by_file.items():
+        pooled.setdefault(identity_of[stem], []).extend(parts)
+    identity_curve = {name: _curve_offset(np.concatenate(parts)) for name, parts in pooled.items()}
+    rows = []
+    for stem, parts in by_file.items():
+        distances = np.concatenate(parts)
+        own, own_confidence = _curve_offset(distances)
+        group, group_confidence = identity_curve[identity_of[stem]]
+        if own is not None and len(distances) >= MIN_OWN_WINDOWS and own_confidence >= MIN_CONFIDENCE:
+            lag, source = own, "clip"
+        elif group is not None and group_confidence >= MIN_CONFIDENCE:
+            lag, source = group, "identity"
+        else:
+            lag, source = None, "unknown"
+        rows.append({"file": files[stem], "identity": identity_of[stem], "frames": frames_of[stem],
+                     "speech_windows": len(distances), "clip_offset": own, "clip_confidence": round(own_confidence, 4),
+                     "identity_offset": group, "identity_confidence": round(group_confidence, 4),
+                     "lag": lag, "source": source})
+    return rows
+
+
+def write_table(rows: Sequence[dict], path: Union[str, Path]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
+
+
+def read_table(path: Union[str, Path]) -> Dict[str, Optional[int]]:
+    """file (relative to the data root) -> lag in frames, or None where the offset is unknown."""
+    with open(path, newline="") as handle:
+        return {row["file"]: (int(row["lag"]) if row["lag"] != "" else None) for row in csv.DictReader(handle)}

@@ -97,8 +97,10 @@ def clips(root: Path, n_grid: int, n_wild: int, everything: bool):
 
 
 def run_builder(code: str, pythonpath: Path, cache_dir: Path, listing: Path, *extra):
-    """(wall seconds of the build, CPU seconds of the child and everything it waited for)."""
-    env = dict(os.environ, PYTHONPATH=str(pythonpath), OMP_NUM_THREADS="1")
+    """(wall seconds of the build, CPU seconds of the child and everything it waited for). Both
+    builders run in the caller's environment, as `dubber train` would (the new one sets its own
+    workers to one thread each)."""
+    env = dict(os.environ, PYTHONPATH=str(pythonpath))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run([sys.executable, "-c", code, "", str(cache_dir), str(listing), *map(str, extra)],
                             env=env, capture_output=True, text=True, cwd=str(pythonpath))

@@ -5,6 +5,7 @@ where it stopped; one bad item is reported and the others still run.
 """
 
 import csv
+import dataclasses
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ def _run_one(job: Job, options: LipsyncOptions, threads: int) -> JobResult:
     import torch
 
     torch.set_num_threads(threads)
+    if options.fps is not None and job.face.suffix.lower() not in media.IMAGE_EXTENSIONS:
+        options = dataclasses.replace(options, fps=None)  # --fps is for the photos; a video keeps its own rate
     try:
         summary = lipsync(job.face, job.audio, job.output, options)
         return JobResult(job, "done", f"{summary.frames} frames, {summary.passed_through} without face", summary.seconds)

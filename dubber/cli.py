@@ -1,7 +1,11 @@
 """The `dubber` command: a thin Typer layer over dubber.pipeline, dubber.batch, dubber.train and dubber.eval.
 
-Logs and progress go to stderr, results to stdout. Expected failures print one line
-("error: <file>: <problem>") and exit with 1; nothing half-written is left behind.
+Logs and progress go to stderr, results to stdout. Every option is checked before any work
+(dubber.options). Failures print one line, `error: ...`, and exit with 2 for a usage error (an
+option or argument value that is not allowed: the line names it, the value and what is
+allowed), 1 for an input error (a missing, corrupt or faceless file, a failed batch item), 3 for
+an internal error (a bug: rerun with DUBBER_DEBUG=1 for the traceback) and 130 when interrupted;
+nothing half-written is left behind.
 """
 
 import os
@@ -12,9 +16,12 @@ from typing import List, Optional
 
 import typer
 
+from dubber import options as check
 from dubber.errors import DubberError
 from dubber.apply import BATCH_FRAMES
 from dubber.media import VIDEO_CRF
+
+EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a face (photo or video) speak a speech track, lips in sync.")
@@ -28,38 +35,36 @@ def _stderr_console():
 
 @contextmanager
 def _progress(quiet: bool):
-    """Yield a ProgressHook drawing rich bars on stderr (or doing nothing when quiet)."""
+    """Yield a ProgressHook drawing rich bars on stderr (or None when quiet). The bars start on the
+    first report, so a command that fails before any work prints nothing but its error."""
     if quiet:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=_stderr_console(), transient=False) as bar:
-        tasks = {}
+    bar = None
+    tasks = {}
 
-        def hook(stage: str, advance: int, total: Optional[int]):
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], advance=advance)
+    def hook(stage: str, advance: int, total: Optional[int]):
+        nonlocal bar
+        if bar is None:
+            bar = Progress(*columns, console=_stderr_console(), transient=False)
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], advance=advance)
 
+    try:
         yield hook
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
-def _fail(message: str, code: int = 1):
+def _fail(message: str, code: int = EXIT_INPUT):
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-def _parse_box(text: Optional[str]):
-    if not text:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-        assert len(values) == 4 and values[2] > values[0] and values[3] > values[1]
-        return values
-    except (ValueError, AssertionError):
-        _fail(f"--face-box must be x0,y0,x1,y1 in pixels, got {text!r}")
 
 
 @app.command()
@@ -67,18 +72,18 @@ def lipsync(
     face: Path = typer.Argument(..., help="Photo or video of the face; a folder of them; or a CSV manifest (face,audio,output)."),
     audio: Optional[Path] = typer.Argument(None, help="Speech (any audio ffmpeg reads, or a video's audio); a folder for batches."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .mp4 (or folder for batches)."),
-    backbone: Optional[str] = typer.Option(None, help="Generator backbone (default: dck)."),
+    backbone: Optional[str] = typer.Option(None, help="Generator backbone (default: dck; `dubber backbones` lists them)."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint to use instead of the shipped weights."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    half: bool = typer.Option(False, help="fp16 inference (CUDA only)."),
-    fps: float = typer.Option(25.0, help="Frame rate for photo input."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    half: bool = typer.Option(False, help="fp16 inference (CUDA only; with auto on a CPU: fp32 and a note)."),
+    fps: Optional[float] = typer.Option(None, help="Frame rate for photo input (default 25); a video keeps its own."),
     blend: str = typer.Option("auto", help="auto, feather, poisson or alpha."),
     detector: str = typer.Option("hog", help="Face detector: hog or cnn."),
-    face_index: int = typer.Option(0, help="Which face to dub, 0 = largest."),
+    face_index: int = typer.Option(0, help="Which face to dub, 0 = largest (see `dubber faces`)."),
     face_box: Optional[str] = typer.Option(None, help="Dub the face overlapping this box: x0,y0,x1,y1."),
-    batch_size: int = typer.Option(BATCH_FRAMES, help="Frames per backbone call."),
-    crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (lower is better, 0-51)."),
-    jobs: int = typer.Option(1, help="Parallel jobs for batches."),
+    batch_size: int = typer.Option(BATCH_FRAMES, help="Frames per backbone call (1-4096)."),
+    crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (0-51, lower is better)."),
+    jobs: int = typer.Option(1, help="Parallel jobs for batches (1-64)."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ):
@@ -86,13 +91,17 @@ def lipsync(
     from dubber.pipeline import LipsyncOptions
 
     options = LipsyncOptions(backbone=backbone, weights=weights, device=device, half=half, fps=fps, blend=blend,
-                             detector=detector, face_index=face_index, face_box=_parse_box(face_box),
-                             batch_size=batch_size, crf=crf, overwrite=overwrite)
+                             detector=detector, face_index=face_index,
+                             face_box=check.face_box("--face-box", face_box), batch_size=batch_size, crf=crf,
+                             overwrite=overwrite)
+    notes = options.check()
     if face.is_dir() or face.suffix.lower() == ".csv":
-        _lipsync_batch(face, audio, output, options, jobs, quiet)
+        check.number("--jobs", jobs, 1, 64, what="parallel jobs")
+        _lipsync_batch(face, audio, output, options, jobs, quiet, notes)
         return
     if audio is None:
-        _fail("AUDIO is required unless FACE is a folder or a CSV manifest")
+        _fail("AUDIO is required unless FACE is a folder or a CSV manifest (usage: dubber lipsync FACE AUDIO -o OUT.mp4)",
+              EXIT_USAGE)
     from dubber.pipeline import lipsync as run
 
     with _progress(quiet) as hook:
@@ -104,18 +113,25 @@ def lipsync(
     typer.echo(str(summary.output))
 
 
-def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, workers: int, quiet: bool):
+def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, workers: int, quiet: bool,
+                   notes: List[str]):
     from rich.table import Table
     from rich.text import Text
 
     from dubber import batch
 
-    if face.suffix.lower() == ".csv":
+    check.output_folder("-o", output)
+    if face.suffix.lower() == ".csv" and not face.is_dir():
+        check.input_file(face)
         jobs = batch.plan_from_manifest(face, output)
     else:
         if audio is None:
-            _fail("a folder of faces needs AUDIO: a folder (paired by name) or one audio file")
+            _fail("a folder of faces needs AUDIO: a folder (paired by name) or one audio file", EXIT_USAGE)
+        if not audio.is_dir():
+            check.input_file(audio)
         jobs = batch.plan_from_folders(face, audio, output)
+    for note in notes:
+        quiet or typer.echo(f"note: {note}", err=True)
     output.mkdir(parents=True, exist_ok=True)
     console = _stderr_console()
     log = (lambda r: None) if quiet else (lambda r: console.print(f"[{r.status}] {r.job.face.name}: {r.message}",
@@ -139,7 +155,7 @@ def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, wor
 def preprocess(
     inputs: List[Path] = typer.Argument(..., help="Photos or videos (or folders of them)."),
     output: Path = typer.Option(..., "-o", "--output", help="Cache folder: one .npz per input."),
-    crop: List[str] = typer.Option([], help="Crops to store, kind:size (face:96, lips:64, box:128). Default: face:96 box:128."),
+    crop: List[str] = typer.Option([], help="Crops to store, kind:size (face:96, lips:64, box:128; 16-1024 px). Default: face:96 box:128."),
     detector: str = typer.Option("hog", help="hog or cnn."),
     face_index: int = typer.Option(0, help="Which face, 0 = largest."),
     overwrite: bool = typer.Option(False, help="Replace existing cache files."),
@@ -156,8 +172,16 @@ def preprocess(
         try:
             specs.append(CropSpec.parse(text))
         except ValueError as exc:
-            _fail(f"--crop: {exc}", 2)
+            raise check.OptionError("--crop", text, str(exc).split("; got")[0].split(", got")[0]) from None
+    check.choice("--detector", detector, check.DETECTORS)
+    check.number("--face-index", face_index, low=0, what="0 is the largest face")
+    check.output_folder("-o", output)
+    for path in inputs:
+        if not path.is_dir():
+            check.input_file(path)
     files = [f for path in inputs for f in (media.list_media(path, "face") if path.is_dir() else [path])]
+    if not files:
+        _fail(f"{', '.join(map(str, inputs))}: no photo or video to preprocess")
     choice = FaceChoice(detector=detector, face_index=face_index)
     failed = 0
     for path in files:
@@ -169,7 +193,7 @@ def preprocess(
             failed += 1
             typer.echo(f"error: {exc}", err=True)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_INPUT)
 
 
 @app.command()
@@ -177,9 +201,10 @@ def blend(
     source: Path = typer.Argument(..., help="The original photo or video."),
     cache: Path = typer.Argument(..., help="Its preprocess cache (.npz)."),
     crops: Path = typer.Argument(..., help="Generated crops: a video or a folder of images, one per frame."),
-    output: Path = typer.Option(..., "-o", "--output"),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .mp4."),
     mode: str = typer.Option("feather", help="feather, poisson or alpha."),
     audio: Optional[Path] = typer.Option(None, help="Audio for the output (default: the source's)."),
+    crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (0-51, lower is better)."),
     overwrite: bool = typer.Option(False),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -187,8 +212,43 @@ def blend(
     from dubber.pipeline import blend_video
 
     with _progress(quiet) as hook:
-        summary = blend_video(source, cache, crops, output, mode, audio, overwrite, progress=hook)
+        summary = blend_video(source, cache, crops, output, mode, audio, overwrite, progress=hook, crf=crf)
+    for note in summary.notes:
+        quiet or typer.echo(f"note: {note}", err=True)
     typer.echo(str(summary.output))
+
+
+def _check_train(backbone: str, data: Path, cache: Path, out: Optional[Path], force: bool, steps: int,
+                 batch_size: Optional[int], device: str, grid_every: int, sync_expert: Optional[Path],
+                 val_every: int, patience: int, log_every: int, checkpoint_every: int, workers: int) -> None:
+    from dubber.backbones import WEIGHTS_DIR, models
+    from dubber.train.recipes import trainable
+
+    names = trainable()
+    if backbone not in names:
+        known = "not implemented yet" if backbone not in models() else "has no training recipe"
+        from dubber.backbones import PLANNED
+
+        problem = known if backbone in models() or backbone in PLANNED else "unknown model"
+        raise check.OptionError("--backbone", backbone, f"{problem}; trainable: {', '.join(names)}")
+    for option, value, low in (("--steps", steps, 1), ("--grid-every", grid_every, 1), ("--log-every", log_every, 1),
+                               ("--checkpoint-every", checkpoint_every, 1), ("--val-every", val_every, 0),
+                               ("--patience", patience, 0)):
+        check.number(option, value, low=low)
+    check.number("--workers", workers, 1, 64, what="processes")
+    if batch_size is not None:
+        check.number("--batch-size", batch_size, 1, check.MAX_BATCH_FRAMES)
+    if patience and not val_every:
+        raise check.OptionError("--patience", patience, "early stopping needs validation: add --val-every N")
+    check.device("--device", device)
+    check.existing_folder("--data", data)
+    check.output_folder("--cache", cache)
+    if sync_expert is not None:
+        check.existing_file("--sync-expert", sync_expert)
+    if out is not None:
+        check.output_file("--out", out, overwrite=True, suffixes=(".pt",))
+        if out.resolve().parent == WEIGHTS_DIR.resolve() and not force:
+            raise check.OptionError("--out", out, "would replace a shipped file in weights/; add --force to do that")
 
 
 @app.command()
@@ -196,37 +256,31 @@ def train(
     backbone: str = typer.Option("dck", help="What to train: a backbone (dck, ...) or syncnet (the lip-sync expert)."),
     data: Path = typer.Option(Path("../shared/data"), help="Corpus root (grid/, wild/, manifest_wild.csv)."),
     cache: Path = typer.Option(Path("cache"), help="Preprocess cache folder (outside version control)."),
-    out: Optional[Path] = typer.Option(None, help="Model file to write (default: runs/<name>-<date>/<name>.pt)."),
+    out: Optional[Path] = typer.Option(None, help="Model file to write, .pt (default: runs/<name>-<date>/<name>.pt)."),
     force: bool = typer.Option(False, help="Allow --out to name a shipped file in weights/."),
     steps: int = typer.Option(20000, help="Total optimiser steps (a resumed run continues to this count)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the recipe's)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     grid_every: int = typer.Option(3, help="Use every n-th GRID training sentence."),
     sync_expert: Optional[Path] = typer.Option(None, help="A trained syncnet file to add a lip-sync loss (dck)."),
     resume: bool = typer.Option(True, help="Continue from the training checkpoint beside OUT."),
     val_every: int = typer.Option(0, help="Validate on held-out identities every N steps (0: never)."),
-    patience: int = typer.Option(0, help="Stop after N validations without improvement (0: never)."),
+    patience: int = typer.Option(0, help="Stop after N validations without improvement (0: never; needs --val-every)."),
     log_every: int = typer.Option(50, help="Log mean losses every N steps."),
     checkpoint_every: int = typer.Option(500, help="Write the resumable training state every N steps."),
-    workers: int = typer.Option(2, help="Processes building the preprocess cache."),
+    workers: int = typer.Option(2, help="Processes building the preprocess cache (1-64)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Train a backbone or the sync expert from scratch on the corpus; checkpoints and resumes."""
     import datetime
 
-    from dubber.backbones import WEIGHTS_DIR
     from dubber.train import train_from_corpus
 
-    for option, value in (("--steps", steps), ("--grid-every", grid_every), ("--log-every", log_every),
-                          ("--checkpoint-every", checkpoint_every), ("--workers", workers)):
-        if value < 1:
-            _fail(f"{option} must be at least 1, got {value}", 2)
+    _check_train(backbone, data, cache, out, force, steps, batch_size, device, grid_every, sync_expert, val_every,
+                 patience, log_every, checkpoint_every, workers)
     if out is None:
         out = Path("runs") / f"{backbone}-{datetime.datetime.now():%Y%m%d-%H%M%S}" / f"{backbone}.pt"
-    if out.exists() and out.is_dir():
-        _fail(f"--out {out}: is a directory; name the model file to write", 2)
-    if out.resolve().parent == WEIGHTS_DIR.resolve() and not force:
-        _fail(f"--out {out}: would replace a shipped file in weights/; add --force to do that", 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
     log = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
     with _progress(quiet) as hook:
         written = train_from_corpus(backbone, data, cache, out, steps, batch_size, device, grid_every, resume,
@@ -235,34 +289,75 @@ def train(
     typer.echo(str(written))
 
 
+def _check_eval(dataset: str, root: Path, backbone: List[str], split: Optional[Path], limit: Optional[int],
+                mode: str, out: Path, sync_expert: Optional[Path], no_sync_expert: bool, device: str) -> None:
+    from dubber.eval.run import DATASETS
+
+    check.choice("--dataset", dataset, DATASETS)
+    check.existing_folder("--root", root)
+    for name in backbone:
+        check.backbone("--backbone", name)
+    if split is not None:
+        check.existing_file("--split", split)
+    if limit is not None:
+        check.number("--limit", limit, low=1, what="clips; leave it out for all of them")
+    check.choice("--mode", mode, ("video", "photo"))
+    check.output_folder("--out", out)
+    if sync_expert is not None:
+        if no_sync_expert:
+            raise check.OptionError("--sync-expert", sync_expert, "cannot be combined with --no-sync-expert")
+        check.existing_file("--sync-expert", sync_expert)
+    check.device("--device", device)
+
+
+def _clear_eval_outputs(out: Path) -> None:
+    """Remove what an earlier run wrote into `out` (its contact sheets, table and summary), so a
+    rerun leaves no stale sheet of a clip it did not score. Nothing else is touched."""
+    sheets = out / "sheets"
+    if sheets.is_dir():
+        for sheet in sheets.glob("*.png"):
+            sheet.unlink()
+    for name in ("clips.csv", "summary.json"):
+        if (out / name).is_file():
+            (out / name).unlink()
+
+
 @app.command(name="eval")
 def evaluate(
     dataset: str = typer.Option(..., help="grid, lrw or folder."),
     root: Path = typer.Option(..., help="Dataset root (grid: <root>/<speaker>/<utt>.mpg|mp4)."),
     backbone: List[str] = typer.Option([], help="Backbones to score (repeatable); baselines are always scored."),
     split: Optional[Path] = typer.Option(None, help="List of clips (one path per line) or a CSV with file,split (val rows)."),
-    limit: Optional[int] = typer.Option(None, help="At most this many clips."),
+    limit: Optional[int] = typer.Option(None, help="At most this many clips (at least 1; default: all)."),
     mode: str = typer.Option("video", help="video (generate from the clip's frames) or photo (from its first frame)."),
     dub: bool = typer.Option(False, help="Also drive each clip with the next clip's speech."),
-    out: Path = typer.Option(Path("eval-out"), help="Folder for clips.csv, summary.json and sheets/."),
+    out: Path = typer.Option(Path("eval-out"), help="Folder for clips.csv, summary.json and sheets/ (an earlier run's are replaced)."),
     sync_expert: Optional[Path] = typer.Option(None, help="SyncNet weights (default: weights/syncnet.pt)."),
     no_sync_expert: bool = typer.Option(False, help="Skip LSE-D/LSE-C (model-free sync only)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Score backbones against ground truth, static-frame and shifted-audio baselines."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
     from dubber.eval import run
 
+    _check_eval(dataset, root, backbone, split, limit, mode, out, sync_expert, no_sync_expert, device)
     clips = run.list_clips(dataset, root, split, limit)
     expert = None if no_sync_expert else run.load_sync_expert(sync_expert)
+    _clear_eval_outputs(out)
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     with _progress(quiet) as hook:
         step = (lambda k: hook("evaluate", 1, len(clips))) if hook else None
         summary = run.evaluate(clips, out, backbone, mode, expert, device, dub, log=log, on_clip=step)
-    table = Table(title=f"dubber eval: {dataset}, {len(clips)} clips, {mode} mode",
+    failed = json.loads((out / "summary.json").read_text()).get("failed", [])
+    if len(failed) == len(clips):
+        _fail(f"every clip failed ({len(clips)} of {len(clips)}), e.g. {failed[0]['error']}")
+    table = Table(title=f"dubber eval: {dataset}, {len(clips) - len(failed)} clips, {mode} mode"
+                        + (f" ({len(failed)} failed: see {out / 'summary.json'})" if failed else ""),
                   caption=run.TABLE_NOTE if expert is not None else None)
     shown = [c for c in run.COLUMNS if any(c in s for s in summary.values())]
     table.add_column("system")
@@ -271,6 +366,9 @@ def evaluate(
     for system, values in summary.items():
         table.add_row(system, *[f"{values[c]:.3f}" if c in values else "" for c in shown])
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+    if failed:
+        typer.echo(f"note: {len(failed)} of {len(clips)} clips failed and are not in the table "
+                   f"(first: {failed[0]['error']})", err=True)
     typer.echo(str(out))
 
 
@@ -293,21 +391,64 @@ def backbones():
         typer.echo(f"{name:10s} {state}  ({shape})")
 
 
-def main():
-    """Console entry point: one-line errors instead of tracebacks for expected failures."""
+def _click_errors(*names: str):
+    """Click's exception classes: vendored inside typer (>= 0.17) or the click package (older typer);
+    a name this click lacks is a class nothing raises."""
     try:
-        app()
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions
+    return tuple(getattr(exceptions, name, type(name, (Exception,), {})) for name in names)
+
+
+def _usage_message(exc) -> str:
+    """A click usage error as one line naming the option and the value typed."""
+    (BadParameter,) = _click_errors("BadParameter")
+
+    message = exc.format_message().strip().replace("\n", " ")
+    param = getattr(exc, "param", None)
+    if isinstance(exc, BadParameter) and param is not None and getattr(param, "param_type_name", "") == "option":
+        args = sys.argv[1:]
+        for k, arg in enumerate(args):
+            for opt in param.opts:
+                if arg == opt and k + 1 < len(args):
+                    return f"{opt} {check.show(args[k + 1])}: {message.split(': ', 1)[-1]}"
+                if arg.startswith(opt + "="):
+                    return f"{opt} {check.show(arg[len(opt) + 1:])}: {message.split(': ', 1)[-1]}"
+    return message
+
+
+def main():
+    """Console entry point: one-line errors instead of tracebacks, with exit codes by kind."""
+    NoArgsIsHelpError, UsageError = _click_errors("NoArgsIsHelpError", "UsageError")
+    try:
+        command = typer.main.get_command(app)
+        code = command.main(args=sys.argv[1:], prog_name="dubber", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except check.OptionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     except DubberError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        sys.exit(EXIT_INPUT)
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UsageError as exc:
+        hint = f" (see dubber {exc.ctx.info_name} --help)" if exc.ctx is not None and exc.ctx.info_name != "dubber" \
+            else " (see dubber --help)"
+        typer.echo(f"error: {_usage_message(exc)}{hint}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("error: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit:
+        raise
     except Exception as exc:
         if os.environ.get("DUBBER_DEBUG"):
             raise
         typer.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with DUBBER_DEBUG=1 for details", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from dubber import audio, media
+from dubber import options as check
 from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, progress_step
 from dubber.apply import BATCH_FRAMES, Generator, Step, apply_backbone
 from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone
@@ -32,13 +33,13 @@ PathLike = Union[str, Path]
 
 @dataclass
 class LipsyncOptions:
-    """Everything `lipsync` can be told; the CLI maps its flags onto this."""
+    """Everything `lipsync` can be told; the CLI maps its flags onto this. `check` validates it."""
 
     backbone: Optional[Union[str, Backbone]] = None  # name, instance, or None for the default
     weights: Optional[PathLike] = None
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
     half: bool = False
-    fps: float = media.DEFAULT_IMAGE_FPS  # frame rate for photo input
+    fps: Optional[float] = None  # frame rate for photo input (None: media.DEFAULT_IMAGE_FPS); a video keeps its own
     blend: str = "auto"  # auto: alpha for backbones that return α, feather otherwise
     colour_match: bool = True
     detector: str = "hog"
@@ -52,6 +53,31 @@ class LipsyncOptions:
     @property
     def face_choice(self) -> FaceChoice:
         return FaceChoice(self.detector, self.detect_every, self.face_index, self.face_box)
+
+    def check(self) -> List[str]:
+        """Validate every value (dubber.options): OptionError naming the option on the first bad
+        one; returns notes on values that were adjusted (--half without a GPU)."""
+        notes: List[str] = []
+        if not isinstance(self.backbone, Backbone):
+            check.backbone("--backbone", self.backbone)
+        if self.weights is not None:
+            check.existing_file("--weights", self.weights)
+        check.device("--device", self.device)
+        check.half("--half", self.half, self.device, notes)
+        if self.fps is not None:
+            check.number("--fps", self.fps, *check.FPS_RANGE, what="frames per second")
+        check.choice("--blend", self.blend, check.BLEND_CHOICES)
+        check.choice("--detector", self.detector, check.DETECTORS)
+        check.number("--detect-every", self.detect_every, low=1, what="frames")
+        check.number("--face-index", self.face_index, low=0, what="0 is the largest face")
+        if self.face_box is not None:
+            self.face_box = check.face_box("--face-box", self.face_box)
+            if self.face_index:
+                raise check.OptionError("--face-index", self.face_index, "choose the face with --face-index or "
+                                          "--face-box, not both")
+        check.number("--batch-size", self.batch_size, 1, check.MAX_BATCH_FRAMES, what="frames per model call")
+        check.number("--crf", self.crf, *check.CRF_RANGE, what="H.264 quality, lower is better")
+        return notes
 
 
 @dataclass
@@ -74,16 +100,11 @@ class Summary:
 
 
 def select_device(name: str = "auto"):
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error, not a silent fallback."""
+    """'auto' -> CUDA when present, else CPU; cuda or cuda:N without such a GPU is an error
+    (dubber.options.device), not a silent fallback."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DubberError("--device cuda asked for, but no CUDA GPU is available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise DubberError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
+    return torch.device(check.resolved_device(check.device("--device", name)))
 
 
 def pingpong(n_out: int, n_src: int) -> np.ndarray:
@@ -111,12 +132,23 @@ def resolve_backbone(options: LipsyncOptions, is_image: bool) -> Backbone:
 
 
 def blend_mode(options: LipsyncOptions, backbone: Backbone) -> str:
-    mode = options.blend
+    mode = check.choice("--blend", options.blend, check.BLEND_CHOICES)
     if mode == "auto":
         return "alpha" if backbone.returns_alpha else "feather"
-    if mode not in BLEND_MODES:
-        raise DubberError(f"unknown blend mode {mode!r}; choose auto, {', '.join(BLEND_MODES)}")
     return mode
+
+
+def _analyse(face_path: Path, options: LipsyncOptions, progress: Optional[ProgressHook]) -> Analysis:
+    """`analyse` with an honest error when --face-index / --face-box select no face."""
+    try:
+        return analyse(face_path, options.face_choice, options.fps or media.DEFAULT_IMAGE_FPS, progress)
+    except DubberError as exc:
+        chosen = options.face_index or options.face_box is not None
+        if chosen and exc.message.startswith("no face found"):
+            from dubber.faces import selection_error
+
+            raise selection_error(face_path, options.detector, options.face_index, options.face_box) from None
+        raise
 
 
 def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
@@ -125,18 +157,25 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
 
     The output lasts as long as the audio (to within one frame) at the video's frame rate (photo:
     options.fps). A video shorter than the audio plays forward and back; a longer one is cut.
-    Frames without a face pass through unchanged.
+    Frames without a face pass through unchanged. Every option is checked first
+    (`LipsyncOptions.check`: dubber.options.OptionError), then the inputs (DubberError), before
+    any decoding.
     """
     started = time.perf_counter()
+    notes = options.check()
     face_path, audio_path = media.check_input(face_path), media.check_input(audio_path)
+    output = check.output_file("-o", output, [face_path, audio_path], options.overwrite)
     output = media.check_output(output, [face_path, audio_path], options.overwrite)
-    if output.suffix.lower() != ".mp4":
-        raise DubberError("output must be an .mp4 file", output)
-    wav = audio.load_audio(audio_path)
-    analysis = analyse(face_path, options.face_choice, options.fps, progress)
-    backbone = resolve_backbone(options, analysis.is_image)
+    info = media.probe(face_path)
+    if options.fps is not None and not info.is_image and abs(options.fps - info.fps) > 0.01:
+        raise check.OptionError("--fps", options.fps, f"applies to a photo; {face_path.name} is a video, which "
+                                f"keeps its own frame rate ({info.fps:.4g} fps)")
+    backbone = resolve_backbone(options, info.is_image)
     mode = blend_mode(options, backbone)
-    generator = Generator(backbone, select_device(options.device), options.half)
+    device = select_device(options.device)
+    wav = audio.load_audio(audio_path)
+    analysis = _analyse(face_path, options, progress)
+    generator = Generator(backbone, device, options.half)
 
     fps = analysis.fps
     duration = len(wav) / audio.SAMPLE_RATE
@@ -153,7 +192,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     mel = audio.log_mel(wav)
     del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
     summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
-                      device=str(generator.device))
+                      device=str(generator.device), notes=notes)
     if len(analysis.track) < n_out and not analysis.is_image:
         summary.notes.append(f"video ({len(analysis.track)} frames) is shorter than the audio: played forward and back")
 
@@ -198,51 +237,110 @@ def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match
 
 def blend_video(source: PathLike, cache_path: PathLike, crops_path: PathLike, output: PathLike,
                 mode: str = "feather", audio_path: Optional[PathLike] = None, overwrite: bool = False,
-                colour_match: bool = True, progress: Optional[ProgressHook] = None) -> Summary:
+                colour_match: bool = True, progress: Optional[ProgressHook] = None, crf: int = media.VIDEO_CRF) -> Summary:
     """Paste generated crops (a video or image folder of S×S crops, one per source frame) back into `source`.
 
     The crops must be cut as the cache's `transform_<kind><S>` describes (the kind is read from
-    the cache: the one whose size matches the crops). Audio comes from `audio_path` or the source.
+    the cache: the one whose size matches the crops), and the cache must be `source`'s. Audio
+    comes from `audio_path` or the source. Fewer crops than frames is an error; extra crops are
+    ignored with a note.
     """
     started = time.perf_counter()
+    check.choice("--mode", mode, BLEND_MODES)
+    check.number("--crf", crf, *check.CRF_RANGE, what="H.264 quality, lower is better")
+    if audio_path is not None:
+        check.existing_file("--audio", audio_path)
     source = media.check_input(source)
+    cache_path = media.check_input(cache_path)
+    crops_path = Path(crops_path)
+    if not crops_path.is_dir():
+        crops_path = media.check_input(crops_path)
+    output = check.output_file("-o", output, [source, cache_path, crops_path], overwrite)
     output = media.check_output(output, [source, cache_path, crops_path], overwrite)
     cache = load_cache(cache_path)
     info = media.probe(source)
-    generated = _read_crops(Path(crops_path))
-    size = next(iter(generated)).shape[0] if isinstance(generated, list) else generated.size
+    if info.is_image:
+        image = media.read_image(source)
+        info.width, info.height = image.shape[1], image.shape[0]
+    _check_cache_matches(cache, cache_path, info)
+    generated = _read_crops(crops_path)
+    size = generated[0].shape[0] if isinstance(generated, list) else generated.size
     keys = [k[len("transform_"):] for k in cache if k.startswith("transform_") and k.endswith(str(size))]
     if not keys:
-        raise DubberError(f"cache has no {size}x{size} crop transform matching the crops", cache_path)
+        held = sorted(k[len("transform_"):] for k in cache if k.startswith("transform_"))
+        raise DubberError(f"crops are {size}x{size}, but the cache holds transforms for {', '.join(held) or 'no crop'}; "
+                          f"preprocess with --crop KIND:{size}", cache_path)
     transforms = cache[f"transform_{keys[0]}"]
     landmarks = cache["landmarks"]
+    n = len(transforms)
+    count = len(generated) if isinstance(generated, list) else generated.estimated_frames
+    if count < n - (0 if isinstance(generated, list) else 1):
+        raise DubberError(f"holds {count} crops, but the source has {n} frames (one crop per frame is needed)",
+                          crops_path)
     audio_source = audio_path or (source if info.has_audio else None)
     summary = Summary(output=Path(output), backbone="(blend)")
-    frames = [media.read_image(source)] * len(transforms) if info.is_image else media.VideoReader(info)
+    if isinstance(generated, list) and count > n:
+        summary.notes.append(f"{crops_path}: {count} crops for {n} frame{'s' if n > 1 else ''}; the last {count - n} are not used")
+    frames = [image] * n if info.is_image else media.VideoReader(info)
     fps = float(cache["fps"])
-    duration = len(transforms) / fps
+    duration = n / fps
 
     def results():
         for t, (frame, crop) in enumerate(zip(frames, generated)):
+            if t >= n:
+                break
             matrix = transforms[t]
             original = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, size)
             yield (frame, matrix, landmarks[t]), original, None if original is None else crop
 
     with media.atomic_output(output) as tmp:
-        with media.VideoWriter(tmp, fps, int(cache["width"]), int(cache["height"]), audio_source, duration) as writer:
+        with media.VideoWriter(tmp, fps, int(cache["width"]), int(cache["height"]), audio_source, duration,
+                               crf) as writer:
             _paste_and_write(writer, results(), mode, colour_match, summary,
-                             progress_step(progress, "blend", len(transforms)))
+                             progress_step(progress, "blend", n))
+        if summary.frames < n:
+            short = "crops" if isinstance(generated, _CropVideo) and generated.frames_read < n else "source frames"
+            where = crops_path if short == "crops" else source
+            raise DubberError(f"only {summary.frames} {short} for the {n} frames of the cache (one per frame is "
+                              "needed)", where)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
+def _check_cache_matches(cache, cache_path: Path, info: media.MediaInfo) -> None:
+    """The cache describes `info`'s file: same frame size, frame rate and (for a video) frame count."""
+    width, height = int(cache["width"]), int(cache["height"])
+    n = len(cache["landmarks"])
+    redo = f"run `dubber preprocess {info.path}` for it"
+    if (width, height) != (info.width, info.height):
+        raise DubberError(f"is the cache of a {width}x{height} input, but {info.path} is {info.width}x{info.height}; "
+                          + redo, cache_path)
+    if info.is_image and n != 1:
+        raise DubberError(f"is the cache of a {n}-frame video, but {info.path} is a photo; " + redo, cache_path)
+    if not info.is_image:
+        if abs(float(cache["fps"]) - info.fps) > 0.01:
+            raise DubberError(f"is the cache of a {float(cache['fps']):.4g} fps input, but {info.path} runs at "
+                              f"{info.fps:.4g} fps; " + redo, cache_path)
+        expected = int(round(info.duration * info.fps))
+        if expected and abs(expected - n) > 1:
+            raise DubberError(f"is the cache of a {n}-frame input, but {info.path} has about {expected} frames; "
+                              + redo, cache_path)
+
+
 class _CropVideo:
+    """A video of square crops, streamed; `estimated_frames` from its duration."""
+
     def __init__(self, info: media.MediaInfo):
         self.info = info
         self.size = info.width
+        self.estimated_frames = int(round(info.duration * info.fps))
+        self.frames_read = 0
 
     def __iter__(self):
-        return iter(media.VideoReader(self.info))
+        reader = media.VideoReader(self.info)
+        for frame in reader:
+            self.frames_read = reader.frames_read
+            yield frame
 
 
 def _read_crops(path: Path):
@@ -251,7 +349,12 @@ def _read_crops(path: Path):
         files = media.list_media(path, "face")
         if not files:
             raise DubberError("folder holds no crop images", path)
-        return [media.read_image(f) for f in files]
+        crops = [media.read_image(f) for f in files]
+        for f, crop in zip(files, crops):
+            if crop.shape[0] != crop.shape[1] or crop.shape != crops[0].shape:
+                raise DubberError(f"crops must all be square and of one size: {files[0].name} is "
+                                  f"{crops[0].shape[1]}x{crops[0].shape[0]}, {f.name} {crop.shape[1]}x{crop.shape[0]}", path)
+        return crops
     info = media.probe(path)
     if not info.has_video or info.width != info.height:
         raise DubberError("crops must be square frames (a video or a folder of images)", path)

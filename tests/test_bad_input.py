@@ -5,7 +5,8 @@ with the test's identity backbone unless the case is about backbones) into its o
 Whatever the outcome:
 
 - an error is exactly one non-empty stderr line, `error: <file>: <problem>` naming the file at
-  fault (when there is one), no traceback, a non-zero exit code;
+  fault (when there is one) or `error: <option> <value>: <what is allowed>`, no traceback, and
+  exit code 1 for an input error or 2 for a usage error (an option's value);
 - a success is exit 0 with the output path on stdout and an output that decodes to the audio's length;
 - nothing is left behind in `out/` but finished outputs (no partial or temporary files), and every
   input is byte for byte what it was (sha256 before and after).
@@ -39,6 +40,7 @@ class Case:
     check: Optional[Callable] = None  # more checks on success: check(output, stdout, stderr)
     output: Optional[Path] = None
     keep: List[Path] = field(default_factory=list)  # files in out/ that were there before the run
+    code: int = 1  # exit code of an error: 1 input error, 2 usage error (the line names the option)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +191,7 @@ def case_two_faces_index_1(base, d, out):
 
 def case_face_index_out_of_range(base, d, out):
     image = _two_faces(d)
-    return Case([image, _copy(base["speech"], d), "-o", out / "o.mp4", "--face-index", "5"], "error", image)
+    return Case([image, _copy(base["speech"], d), "-o", out / "o.mp4", "--face-index", "5"], "error", image, code=2)
 
 
 def _audio_check(output, *_):
@@ -233,21 +235,21 @@ def case_read_only_output_folder(base, d, out):
     locked.mkdir()
     locked.chmod(0o555)
     return Case([_copy(base["video"], d), _copy(base["speech"], d), "-o", locked / "o.mp4"],
-                "either" if os.geteuid() == 0 else "error", locked)
+                "either" if os.geteuid() == 0 else "error", locked, code=2)
 
 
 def case_output_folder_is_a_file(base, d, out):
     blocker = out / "not_a_folder"
     blocker.write_text("x")
     return Case([_copy(base["video"], d), _copy(base["speech"], d), "-o", blocker / "o.mp4"], "error", blocker,
-                keep=[blocker])
+                keep=[blocker], code=2)
 
 
 def case_existing_output_without_overwrite(base, d, out):
     existing = out / "o.mp4"
     existing.write_bytes(b"an older result")
     return Case([_copy(base["video"], d), _copy(base["speech"], d), "-o", existing], "error", existing,
-                keep=[existing])
+                keep=[existing], code=2)
 
 
 def case_existing_output_with_overwrite(base, d, out):
@@ -258,23 +260,23 @@ def case_existing_output_with_overwrite(base, d, out):
 
 def case_output_equals_input(base, d, out):
     video = _copy(base["video"], d)
-    return Case([video, _copy(base["speech"], d), "-o", video, "--overwrite"], "error", video)
+    return Case([video, _copy(base["speech"], d), "-o", video, "--overwrite"], "error", video, code=2)
 
 
 def case_output_not_mp4(base, d, out):
     target = out / "o.mkv"
-    return Case([_copy(base["video"], d), _copy(base["speech"], d), "-o", target], "error", target)
+    return Case([_copy(base["video"], d), _copy(base["speech"], d), "-o", target], "error", target, code=2)
 
 
 def case_unknown_backbone(base, d, out):
     return Case([_copy(base["video"], d), _copy(base["speech"], d), "-o", out / "o.mp4", "--backbone", "nosuch"],
-                "error", backbone=None)
+                "error", backbone=None, code=2)
 
 
 def case_missing_weights(base, d, out):
     missing = d / "nowhere" / "dck.pt"
     return Case([_copy(base["video"], d), _copy(base["speech"], d), "-o", out / "o.mp4", "--backbone", "dck",
-                 "--weights", missing], "error", missing, backbone=None)
+                 "--weights", missing], "error", missing, backbone=None, code=2)
 
 
 def case_corrupt_checkpoint(base, d, out):
@@ -295,7 +297,7 @@ def case_foreign_checkpoint(base, d, out):
 
 def case_bad_face_box(base, d, out):
     return Case([_copy(base["video"], d), _copy(base["speech"], d), "-o", out / "o.mp4", "--face-box", "1,2,oops"],
-                "error")
+                "error", code=2)
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
@@ -332,7 +334,7 @@ def test_bad_input(name, base, tmp_path):
     assert "Traceback" not in stderr
     assert case.expect in (outcome, "either"), f"expected {case.expect}, got exit {code}: {stderr}"
     if outcome == "error":
-        assert code == 1, stderr  # 1: an expected failure; 2 would be an internal error
+        assert code == case.code, stderr  # 1: input error, 2: usage error (3 would be an internal error)
         assert len(lines) == 1 and lines[0].startswith("error: "), stderr
         if case.names is not None:
             assert str(case.names) in lines[0]
@@ -353,7 +355,7 @@ def test_bad_input(name, base, tmp_path):
 
 @pytest.mark.slow
 def test_a_crash_mid_run_leaves_no_partial_output(base, tmp_path):
-    """The generator fails after frames were encoded: an internal error (exit 2) in one line, and the
+    """The generator fails after frames were encoded: an internal error (exit 3) in one line, and the
     half-written temporary file is gone."""
     out = tmp_path / "out"
     out.mkdir()
@@ -361,7 +363,7 @@ def test_a_crash_mid_run_leaves_no_partial_output(base, tmp_path):
                                             "--backbone", "crashing", "--batch-size", "8", "-q"])
     lines = [line for line in stderr.splitlines() if line.strip()]
     print(f"crash mid-run: exit {code}; {lines}")
-    assert code == 2 and stdout == ""
+    assert code == 3 and stdout == ""
     assert len(lines) == 1 and lines[0].startswith("error: internal error") and "simulated failure" in lines[0]
     assert "Traceback" not in stderr
     assert list(out.iterdir()) == []
@@ -440,9 +442,9 @@ def test_bad_input_in_a_real_process(name, base, tmp_path):
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     in_dir.mkdir(), out_dir.mkdir()
     case = CASES[name](base, in_dir, out_dir)
+    # The console script knows only the real backbones: these cases run with dck and its shipped
+    # weights (a missing --weights would be reported first, as a usage error, before any input is read).
     args = ["lipsync", *case.args, "-q"]
-    if case.backbone:  # the console script knows only the real backbones: dck, which has no weights here
-        args += ["--weights", in_dir / "absent.pt"]
     code, stdout, stderr = helpers.run_cli_subprocess(args)
     lines = [line for line in stderr.splitlines() if line.strip()]
     print(f"{name} (subprocess): exit {code}; {lines}")

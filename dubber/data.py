@@ -149,7 +149,7 @@ def _build_all(todo: List[Tuple[Path, Path]], specs: List[CropSpec], workers: in
     deaths: Counter = Counter()
     while todo:
         retry = []
-        with ProcessPoolExecutor(min(workers, len(todo)), context) as pool:
+        with ProcessPoolExecutor(min(workers, len(todo)), context, initializer=_one_thread_worker) as pool:
             with _one_thread_children():  # the workers start in submit
                 futures = {pool.submit(_build_one, s, t, specs): (s, t) for s, t in todo}
             for future in as_completed(futures):
@@ -180,13 +180,17 @@ def _one_thread_children():
                 os.environ[name] = value
 
 
-def _build_one(source: Path, target: Path, specs: List[CropSpec]) -> Optional[str]:
-    """Write `target` (the cache of `source`); the error message when that fails, else None."""
+def _one_thread_worker() -> None:
+    """Pool initializer: OpenCV on one thread (numpy's BLAS got THREAD_VARIABLES at start-up)."""
     import cv2
 
+    cv2.setNumThreads(1)
+
+
+def _build_one(source: Path, target: Path, specs: List[CropSpec]) -> Optional[str]:
+    """Write `target` (the cache of `source`); the error message when that fails, else None."""
     from dubber.cache import preprocess
 
-    cv2.setNumThreads(1)
     try:
         preprocess(source, target.parent, specs, overwrite=True)
     except DubberError as exc:

@@ -81,6 +81,7 @@ def lipsync(
     detector: str = typer.Option("hog", help="Face detector: hog or cnn."),
     face_index: int = typer.Option(0, help="Which face to dub, 0 = largest (see `dubber faces`)."),
     face_box: Optional[str] = typer.Option(None, help="Dub the face overlapping this box: x0,y0,x1,y1."),
+    face_id: Optional[int] = typer.Option(None, "--face", help="Dub the face with this id in `dubber faces FACE`."),
     batch_size: int = typer.Option(BATCH_FRAMES, help="Frames per backbone call (1-4096)."),
     crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (0-51, lower is better)."),
     jobs: int = typer.Option(1, help="Parallel jobs for batches (1-64)."),
@@ -92,8 +93,8 @@ def lipsync(
 
     options = LipsyncOptions(backbone=backbone, weights=weights, device=device, half=half, fps=fps, blend=blend,
                              detector=detector, face_index=face_index,
-                             face_box=check.face_box("--face-box", face_box), batch_size=batch_size, crf=crf,
-                             overwrite=overwrite)
+                             face_box=check.face_box("--face-box", face_box), face=face_id, batch_size=batch_size,
+                             crf=crf, overwrite=overwrite)
     notes = options.check()
     if face.is_dir() or face.suffix.lower() == ".csv":
         check.number("--jobs", jobs, 1, 64, what="parallel jobs")
@@ -370,6 +371,58 @@ def evaluate(
         typer.echo(f"note: {len(failed)} of {len(clips)} clips failed and are not in the table "
                    f"(first: {failed[0]['error']})", err=True)
     typer.echo(str(out))
+
+
+@app.command()
+def faces(
+    source: Path = typer.Argument(..., help="Photo or video."),
+    preview: Optional[Path] = typer.Option(None, help="Preview image to write, .png (default: <name>.faces.png here)."),
+    no_preview: bool = typer.Option(False, "--no-preview", help="Write no preview image."),
+    every: float = typer.Option(0.5, help="Seconds between the frames searched for faces (0.04-60)."),
+    detector: str = typer.Option("hog", help="hog or cnn."),
+    json_output: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
+    overwrite: bool = typer.Option(False, help="Replace an existing preview image."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """List the faces in a photo or video: ids, time ranges, boxes, and a preview image of each.
+
+    `dubber lipsync VIDEO AUDIO -o OUT.mp4 --face ID` dubs the face with that id."""
+    import json
+
+    from dubber import faces as listing_module
+    from dubber import media
+
+    check.number("--every", every, 0.04, 60.0, what="seconds")
+    check.choice("--detector", detector, check.DETECTORS)
+    if preview is not None and no_preview:
+        raise check.OptionError("--preview", preview, "cannot be combined with --no-preview")
+    source = check.input_file(source)
+    if not no_preview:
+        preview = preview or Path(f"{source.stem}.faces.png")
+        check.output_file("--preview", preview, [source], overwrite, suffixes=(".png",))
+    with _progress(quiet) as hook:
+        found = listing_module.list_faces(source, detector, every, hook)
+    if not no_preview:
+        media.check_output(preview, [source], overwrite)
+        media.write_image(preview, listing_module.preview_image(found))
+    if json_output:
+        data = found.as_dict()
+        data["preview"] = None if no_preview else str(preview)
+        typer.echo(json.dumps(data, indent=2))
+        return
+    if not found.faces:
+        typer.echo(f"{source}: no face found")
+    else:
+        typer.echo(f"{'id':>3}  {'from':>9}  {'to':>9}  {'size':>6}  box where first seen (x0,y0,x1,y1)")
+        fmt = listing_module.format_time
+        for face in found.faces:
+            span = ("photo", "") if found.is_image else (fmt(face.start), fmt(face.end))
+            typer.echo(f"{face.id:>3}  {span[0]:>9}  {span[1]:>9}  {face.side:>4.0f}px  "
+                       + ",".join(str(int(round(v))) for v in face.box))
+    if not no_preview:
+        typer.echo(f"preview: {preview}")
+    if found.faces and not quiet:
+        typer.echo(f"dub one with: dubber lipsync {source} AUDIO -o OUT.mp4 --face ID", err=True)
 
 
 @app.command()

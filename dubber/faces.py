@@ -26,8 +26,9 @@ THUMB = 128  # px: preview thumbnail side
 
 @dataclass
 class Face:
-    """One face: id, first and last time seen (seconds; for a photo both 0), frames where it was
-    seen among the samples, its box (x0, y0, x1, y1) where first seen and its median side."""
+    """One face: id, the time range it is seen in (seconds, end exclusive; a photo: 0, 0), its first
+    and last frame, the samples it was found in, its box (x0, y0, x1, y1) in its first frame and
+    its median side in pixels."""
 
     id: int
     start: float
@@ -95,7 +96,11 @@ def _thumbnail(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 def list_faces(path: PathLike, detector: str = "hog", every: float = SAMPLE_SECONDS,
                progress: Optional[Callable[[str, int, Optional[int]], None]] = None) -> FaceList:
-    """Detect and link the faces of a photo or video (see the module docstring)."""
+    """Detect and link the faces of a photo or video (see the module docstring).
+
+    Faces are searched every `every` seconds; where one appears or vanishes between two samples,
+    the frames in between (kept until the next sample) are searched near it, by bisection, so
+    time ranges are exact to the frame."""
     from dubber.face.detect import detect_faces
 
     info = media.probe(path)
@@ -112,9 +117,9 @@ def list_faces(path: PathLike, detector: str = "hog", every: float = SAMPLE_SECO
         total = max(1, int(round(info.duration * fps)))
         frames = iter(media.VideoReader(info))
     gap = max(1, int(round(GAP_SECONDS * fps)))
-    entries: List[dict] = []  # open and closed entries: {"face": Face, "last": box, "open": bool}
-    decoded = 0
-    max_together = 0
+    entries: List[dict] = []  # {"face": Face, "last": box, "open": bool, "sides": [...], "seen": sample}
+    recent: List[Tuple[int, np.ndarray]] = []  # frames since the last sample
+    decoded, max_together, previous = 0, 0, None
     if progress is not None:
         progress("find faces", 0, total)
     for t, frame in enumerate(frames):
@@ -122,28 +127,38 @@ def list_faces(path: PathLike, detector: str = "hog", every: float = SAMPLE_SECO
         if progress is not None:
             progress("find faces", 1, total)
         if t % step:
+            recent.append((t, frame))
             continue
         found = detect_faces(frame, detector)
         max_together = max(max_together, len(found))
         for entry in entries:
             if entry["open"] and t - entry["face"].last_frame > gap:
                 entry["open"] = False
-        taken = set()
+        taken, matched = set(), set()
         pairs = sorted(((_linked(e["last"], box), i, k) for i, e in enumerate(entries) if e["open"]
                         for k, box in enumerate(found)), reverse=True)
         for score, i, k in pairs:
-            if score <= 0 or k in taken or entries[i].get("seen") == t:
+            if score <= 0 or k in taken or i in matched:
                 continue
-            taken.add(k)
+            taken.add(k), matched.add(i)
             _update(entries[i], found[k], frame, t, fps)
+        for i, entry in enumerate(entries):  # seen at the previous sample, gone now: when did it go?
+            if i not in matched and entry["seen"] == previous:
+                _refine_end(entry, recent, detector, fps)
         for k, box in enumerate(found):
             if k not in taken:
                 face = Face(-1, t / fps, t / fps, t, t, 0, tuple(float(v) for v in box), 0.0)
-                entry = {"face": face, "last": box, "open": True, "sides": []}
+                entry = {"face": face, "last": box, "open": True, "sides": [], "seen": None}
                 _update(entry, box, frame, t, fps)
+                if previous is not None:  # it arrived since the previous sample: when?
+                    _refine_start(entry, recent, detector, fps)
                 entries.append(entry)
+        previous, recent = t, []
     if decoded == 0:
         raise DubberError("no video frame could be decoded (corrupt or truncated file)", info.path)
+    for entry in entries:
+        if entry["seen"] == previous:  # seen at the last sample: through the frames after it?
+            _refine_end(entry, recent, detector, fps)
     entries.sort(key=lambda e: (e["face"].first_frame, -(e["face"].box[2] - e["face"].box[0])))
     faces = []
     for k, entry in enumerate(entries):
@@ -153,9 +168,50 @@ def list_faces(path: PathLike, detector: str = "hog", every: float = SAMPLE_SECO
         if info.is_image:
             face.start = face.end = 0.0
         else:
-            face.end = min((face.last_frame + step) / fps, decoded / fps)
+            face.start, face.end = face.first_frame / fps, (face.last_frame + 1) / fps
         faces.append(face)
     return FaceList(info.path, info.is_image, fps, decoded, width, height, faces, max_together)
+
+
+def _near(frame: np.ndarray, box: np.ndarray, detector: str) -> Optional[np.ndarray]:
+    """The face near `box` in `frame` (a detection that continues it), or None."""
+    from dubber.face.detect import detect_faces_near
+
+    found = detect_faces_near(frame, box, detector)
+    scores = [_linked(box, b) for b in found]
+    return found[int(np.argmax(scores))] if scores and max(scores) > 0 else None
+
+
+def _refine_start(entry: dict, recent: List[Tuple[int, np.ndarray]], detector: str, fps: float) -> None:
+    """The face of `entry` was first found at a sample; find the earliest of the `recent` frames before
+    it that already shows it (bisection: absent, then present) and start the entry there."""
+    face: Face = entry["face"]
+    lo, hi, box = 0, len(recent), None  # present at index hi (len(recent): the sample itself)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = _near(recent[mid][1], np.asarray(face.box, np.float32), detector)
+        if found is not None:
+            hi, box = mid, found
+        else:
+            lo = mid + 1
+    if hi < len(recent):
+        face.first_frame, face.start = recent[hi][0], recent[hi][0] / fps
+        face.box = tuple(float(v) for v in box)
+
+
+def _refine_end(entry: dict, recent: List[Tuple[int, np.ndarray]], detector: str, fps: float) -> None:
+    """The face of `entry` was last found at a sample; find the last of the `recent` frames after it
+    that still shows it (bisection: present, then absent)."""
+    face: Face = entry["face"]
+    lo, hi = -1, len(recent) - 1  # present at index lo (-1: the sample where it was last found)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _near(recent[mid][1], entry["last"], detector) is not None:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo >= 0:
+        face.last_frame, face.end = recent[lo][0], recent[lo][0] / fps
 
 
 def _update(entry: dict, box: np.ndarray, frame: np.ndarray, t: int, fps: float) -> None:

@@ -7,6 +7,7 @@ Memory is bounded by one backbone call's frames whatever the length; the analysi
 the preprocess cache (dubber.cache) stores.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class LipsyncOptions:
     detect_every: int = DETECT_EVERY
     face_index: int = 0
     face_box: Optional[Tuple[float, float, float, float]] = None
+    face: Optional[int] = None  # an id from `dubber faces` (dubber.faces.list_faces)
     batch_size: int = BATCH_FRAMES
     crf: int = media.VIDEO_CRF
     overwrite: bool = False
@@ -74,7 +76,12 @@ class LipsyncOptions:
             self.face_box = check.face_box("--face-box", self.face_box)
             if self.face_index:
                 raise check.OptionError("--face-index", self.face_index, "choose the face with --face-index or "
-                                          "--face-box, not both")
+                                        "--face-box, not both")
+        if self.face is not None:
+            check.number("--face", self.face, low=0, what="an id listed by `dubber faces`")
+            if self.face_index or self.face_box is not None:
+                raise check.OptionError("--face", self.face, "choose the face with --face, --face-index or "
+                                        "--face-box, not several")
         check.number("--batch-size", self.batch_size, 1, check.MAX_BATCH_FRAMES, what="frames per model call")
         check.number("--crf", self.crf, *check.CRF_RANGE, what="H.264 quality, lower is better")
         return notes
@@ -144,11 +151,21 @@ def _analyse(face_path: Path, options: LipsyncOptions, progress: Optional[Progre
         return analyse(face_path, options.face_choice, options.fps or media.DEFAULT_IMAGE_FPS, progress)
     except DubberError as exc:
         chosen = options.face_index or options.face_box is not None
+        if chosen and exc.message.startswith("no face found") and options.face is not None:
+            raise check.OptionError("--face", options.face, f"listed in {face_path.name}, but the tracker could not "
+                                    "follow it; try --face-box with its box") from None
         if chosen and exc.message.startswith("no face found"):
             from dubber.faces import selection_error
 
             raise selection_error(face_path, options.detector, options.face_index, options.face_box) from None
         raise
+
+
+def _face_box_of(face_path: Path, options: LipsyncOptions, progress: Optional[ProgressHook]):
+    """The box where face `options.face` of `dubber faces` is first seen: the tracker starts there."""
+    from dubber.faces import find, list_faces
+
+    return find(list_faces(face_path, options.detector, progress=progress), options.face).box
 
 
 def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
@@ -174,6 +191,8 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
     wav = audio.load_audio(audio_path)
+    if options.face is not None:
+        options = dataclasses.replace(options, face_box=_face_box_of(face_path, options, progress))
     analysis = _analyse(face_path, options, progress)
     generator = Generator(backbone, device, options.half)
 

@@ -105,6 +105,13 @@ class Summary:
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds else 0.0
 
+    def as_dict(self) -> dict:
+        """Plain values (for `--json`): every field, the output as a string, and fps."""
+        data = dataclasses.asdict(self)
+        data["output"] = str(self.output)
+        data["fps"] = self.fps
+        return data
+
 
 def select_device(name: str = "auto"):
     """'auto' -> CUDA when present, else CPU; cuda or cuda:N without such a GPU is an error
@@ -169,8 +176,13 @@ def _face_box_of(face_path: Path, options: LipsyncOptions, progress: Optional[Pr
 
 
 def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
-            options: LipsyncOptions = LipsyncOptions(), progress: Optional[ProgressHook] = None) -> Summary:
+            options: Optional[LipsyncOptions] = None, progress: Optional[ProgressHook] = None,
+            **settings) -> Summary:
     """Make the face in `face_path` (photo or video) speak `audio_path`; write an MP4 to `output`.
+
+    Options come as a LipsyncOptions, as keyword arguments named like its fields (the CLI's
+    options: `backbone="dck", device="cpu", overwrite=True`), or both (the keywords win).
+    `progress(stage, advance, total)` is called as work advances.
 
     The output lasts as long as the audio (to within one frame) at the video's frame rate (photo:
     options.fps). A video shorter than the audio plays forward and back; a longer one is cut.
@@ -179,6 +191,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     any decoding.
     """
     started = time.perf_counter()
+    options = dataclasses.replace(options or LipsyncOptions(), **settings)  # a copy: the caller's is not changed
     notes = options.check()
     face_path, audio_path = media.check_input(face_path), media.check_input(audio_path)
     output = check.output_file("-o", output, [face_path, audio_path], options.overwrite)

@@ -24,8 +24,11 @@ BORDER_FEATHER = 0.06  # fraction of the crop side over which the crop's own bor
 DETAIL_TAU = 12.0  # grey levels: changes larger than this drop the frame's original detail
 
 
-def lower_face_mask(crop_landmarks: np.ndarray, size: int) -> np.ndarray:
-    """Soft mask over mouth, cheeks and chin: crop-space landmarks [68, 2] -> float32 [size, size] in [0, 1]."""
+def lower_face_mask(crop_landmarks: np.ndarray, size: int, pads=(0, 0, 0, 0)) -> np.ndarray:
+    """Soft mask over mouth, cheeks and chin: crop-space landmarks [68, 2] -> float32 [size, size] in [0, 1].
+
+    pads (top, bottom, left, right; crop pixels, Wav2Lip's order) grow the region by that much on
+    each side, or shrink it where negative."""
     import cv2
 
     # The mask's top edge passes through the low nose bridge.
@@ -33,9 +36,32 @@ def lower_face_mask(crop_landmarks: np.ndarray, size: int) -> np.ndarray:
     hull = cv2.convexHull(np.round(points * 4).astype(np.int32))  # quarter-pixel precision
     mask = np.zeros((size, size), np.uint8)
     cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=2)
+    if any(round(p) for p in pads):
+        mask = _pad_region(mask, [int(round(p)) for p in pads])
     sigma = MASK_FEATHER * size
     mask = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), sigma)
     return mask * border_mask(size)
+
+
+def _pad_region(mask: np.ndarray, pads) -> np.ndarray:
+    """Move each edge of a uint8 region outwards (inwards where negative) by pads = (top, bottom,
+    left, right) pixels: a dilation with the growing parts, then an erosion with the shrinking ones."""
+    import cv2
+
+    top, bottom, left, right = pads
+    grow = [max(v, 0) for v in (top, bottom, left, right)]
+    shrink = [max(-v, 0) for v in (top, bottom, left, right)]
+    if any(grow):
+        t, b, l, r = grow
+        # out(x, y) = max of mask over y - b .. y + t and x - r .. x + l: the top edge moves up by t, ...
+        kernel = np.ones((t + b + 1, l + r + 1), np.uint8)
+        mask = cv2.dilate(mask, kernel, anchor=(r, b))
+    if any(shrink):
+        t, b, l, r = shrink
+        # out(x, y) = min of mask over y - t .. y + b and x - l .. x + r: the top edge moves down by t, ...
+        kernel = np.ones((t + b + 1, l + r + 1), np.uint8)
+        mask = cv2.erode(mask, kernel, anchor=(l, t))
+    return mask
 
 
 def border_mask(size: int) -> np.ndarray:

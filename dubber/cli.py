@@ -12,7 +12,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -23,8 +23,26 @@ from dubber.media import VIDEO_CRF
 
 EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a face (photo or video) speak a speech track, lips in sync.")
+
+
+def _show_version(value: bool):
+    if value:
+        from dubber import __version__
+
+        typer.echo(f"dubber {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", "-V", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """Make a face (photo or video) speak a speech track, lips in sync.
+
+    Shell completion: `dubber --install-completion` (bash, zsh, fish, PowerShell)."""
 
 
 def _stderr_console():
@@ -84,8 +102,17 @@ def lipsync(
     face_id: Optional[int] = typer.Option(None, "--face", help="Dub the face with this id in `dubber faces FACE`."),
     batch_size: int = typer.Option(BATCH_FRAMES, help="Frames per backbone call (1-4096)."),
     crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (0-51, lower is better)."),
+    start: float = typer.Option(0.0, help="Use a FACE video from this second on (like ffmpeg's -ss)."),
+    duration: Optional[float] = typer.Option(None, help="Use this many seconds of a FACE video (like ffmpeg's -t)."),
+    loop: str = typer.Option("pingpong", help="Speech longer than the video: pingpong (forward and back), "
+                                              "repeat (from the start again), hold (last frame) or stretch (slow it)."),
+    pads: Tuple[int, int, int, int] = typer.Option((0, 0, 0, 0), help="Grow the pasted mouth region by top bottom "
+                                                   "left right pixels, negative shrinks (Wav2Lip's --pads)."),
+    smooth: bool = typer.Option(True, help="Smooth the face alignment over time (--no-smooth: per-frame, as detected)."),
     jobs: int = typer.Option(1, help="Parallel jobs for batches (1-64)."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout (batches: one "
+                                                           "object per item)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ):
     """Dub FACE with AUDIO: `dubber lipsync face.jpg speech.wav -o out.mp4`."""
@@ -94,11 +121,12 @@ def lipsync(
     options = LipsyncOptions(backbone=backbone, weights=weights, device=device, half=half, fps=fps, blend=blend,
                              detector=detector, face_index=face_index,
                              face_box=check.face_box("--face-box", face_box), face=face_id, batch_size=batch_size,
-                             crf=crf, overwrite=overwrite)
+                             crf=crf, overwrite=overwrite, start=start, duration=duration, loop=loop, pads=pads,
+                             smooth=smooth)
     notes = options.check()
     if face.is_dir() or face.suffix.lower() == ".csv":
         check.number("--jobs", jobs, 1, 64, what="parallel jobs")
-        _lipsync_batch(face, audio, output, options, jobs, quiet, notes)
+        _lipsync_batch(face, audio, output, options, jobs, quiet, notes, json_output)
         return
     if audio is None:
         _fail("AUDIO is required unless FACE is a folder or a CSV manifest (usage: dubber lipsync FACE AUDIO -o OUT.mp4)",
@@ -111,11 +139,16 @@ def lipsync(
         quiet or typer.echo(f"note: {note}", err=True)
     quiet or typer.echo(f"{summary.frames} frames ({summary.faces} dubbed, {summary.passed_through} without a face) "
                         f"in {summary.seconds:.1f} s, {summary.fps:.1f} fps, backbone {summary.backbone} on {summary.device}", err=True)
-    typer.echo(str(summary.output))
+    if json_output:
+        import json
+
+        typer.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        typer.echo(str(summary.output))
 
 
 def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, workers: int, quiet: bool,
-                   notes: List[str]):
+                   notes: List[str], json_output: bool = False):
     from rich.table import Table
     from rich.text import Text
 
@@ -138,6 +171,16 @@ def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, wor
     log = (lambda r: None) if quiet else (lambda r: console.print(f"[{r.status}] {r.job.face.name}: {r.message}",
                                                                    markup=False, highlight=False))
     results = batch.run_batch(jobs, options, workers, log)
+    failed = sum(r.status == "failed" for r in results)
+    if json_output:
+        import json
+
+        typer.echo(json.dumps([{"face": str(r.job.face), "audio": str(r.job.audio), "output": str(r.job.output),
+                                "status": r.status, "detail": r.message, "seconds": r.seconds} for r in results],
+                              indent=2))
+        if failed:
+            _fail(f"{failed} of {len(results)} items failed")
+        return
     table = Table(title="dubber batch")
     for column in ("face", "audio", "output", "status", "detail"):
         table.add_column(column)
@@ -147,7 +190,6 @@ def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, wor
     from rich.console import Console
 
     Console().print(table)
-    failed = sum(r.status == "failed" for r in results)
     if failed:
         _fail(f"{failed} of {len(results)} items failed")
 

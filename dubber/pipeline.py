@@ -11,7 +11,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -51,6 +51,11 @@ class LipsyncOptions:
     batch_size: int = BATCH_FRAMES
     crf: int = media.VIDEO_CRF
     overwrite: bool = False
+    start: float = 0.0  # seconds into a FACE video where the part used begins (ffmpeg's -ss)
+    duration: Optional[float] = None  # seconds of the FACE video used (ffmpeg's -t); None: to its end
+    loop: str = "pingpong"  # speech longer than the video: pingpong, repeat, hold or stretch
+    pads: Tuple[int, int, int, int] = (0, 0, 0, 0)  # grow (shrink) the pasted region: top, bottom, left, right px
+    smooth: bool = True  # smooth the face alignment over time
 
     @property
     def face_choice(self) -> FaceChoice:
@@ -84,7 +89,25 @@ class LipsyncOptions:
                                         "--face-box, not several")
         check.number("--batch-size", self.batch_size, 1, check.MAX_BATCH_FRAMES, what="frames per model call")
         check.number("--crf", self.crf, *check.CRF_RANGE, what="H.264 quality, lower is better")
+        check.seconds("--start", self.start)
+        check.seconds("--duration", self.duration, allow_zero=False)
+        check.choice("--loop", self.loop, check.LOOP_MODES)
+        self.pads = check.pads("--pads", self.pads)
         return notes
+
+    def check_input(self, info: media.MediaInfo) -> None:
+        """The checks that need the FACE input's description: --fps, --start and --duration."""
+        name = info.path.name
+        if info.is_image:
+            for option, value in (("--start", self.start or None), ("--duration", self.duration)):
+                if value is not None:
+                    raise check.OptionError(option, value, f"applies to a video; {name} is a photo")
+            return
+        if self.fps is not None and abs(self.fps - info.fps) > 0.01:
+            raise check.OptionError("--fps", self.fps, f"applies to a photo; {name} is a video, which keeps its "
+                                    f"own frame rate ({info.fps:.4g} fps)")
+        if self.start and info.duration and self.start >= info.duration - 0.5 / info.fps:
+            raise check.OptionError("--start", self.start, f"{name} is only {info.duration:.3f} s long")
 
 
 @dataclass
@@ -130,12 +153,37 @@ def pingpong(n_out: int, n_src: int) -> np.ndarray:
     return np.where(k < n_src, k, period - k).astype(np.int64)
 
 
-def _frames_in_order(analysis: Analysis, order: np.ndarray) -> Iterator[np.ndarray]:
+def source_order(n_out: int, n_src: int, loop: str = "pingpong") -> np.ndarray:
+    """Source frame for each of n_out output frames ([n_out] int64). A source at least as long is
+    cut; a shorter one is extended by `loop`: pingpong (forward, then backward, ...), repeat
+    (from the start again, as Wav2Lip does), hold (the last frame stays) or stretch (slowed to
+    fit: each frame shown n_out / n_src times)."""
+    k = np.arange(n_out)
+    if n_out <= n_src or n_src <= 1:
+        return np.minimum(k, max(n_src - 1, 0)).astype(np.int64)
+    if loop == "pingpong":
+        return pingpong(n_out, n_src)
+    if loop == "repeat":
+        return (k % n_src).astype(np.int64)
+    if loop == "hold":
+        return np.minimum(k, n_src - 1).astype(np.int64)
+    if loop == "stretch":
+        return (k * n_src // n_out).astype(np.int64)
+    raise ValueError(f"unknown loop mode {loop!r}")
+
+
+LOOP_NOTES = {"pingpong": "played forward and back", "repeat": "played again from the start",
+              "hold": "its last frame held", "stretch": "slowed down to fit"}
+
+
+def _frames_in_order(analysis: Analysis, order: np.ndarray, first: int = 0) -> Iterator[np.ndarray]:
+    """Frames of the analysed input in `order` (indices into the part analysed, which starts at
+    source frame `first`)."""
     if analysis.is_image:
         for _ in range(len(order)):
             yield analysis.image
     else:
-        yield from media.iter_frames(analysis.info, order.tolist())
+        yield from media.iter_frames(analysis.info, (np.asarray(order) + first).tolist())
 
 
 def resolve_backbone(options: LipsyncOptions, is_image: bool) -> Backbone:
@@ -152,9 +200,40 @@ def blend_mode(options: LipsyncOptions, backbone: Backbone) -> str:
     return mode
 
 
-def _analyse(face_path: Path, options: LipsyncOptions, progress: Optional[ProgressHook]) -> Analysis:
-    """`analyse` with an honest error when --face-index / --face-box select no face."""
+def _segment(info: media.MediaInfo, options: LipsyncOptions) -> Tuple[int, Optional[int]]:
+    """(first source frame, frame count or None for all) of the part of a video --start/--duration name."""
+    if info.is_image:
+        return 0, None
+    first = int(round(options.start * info.fps))
+    count = None if options.duration is None else max(1, int(round(options.duration * info.fps)))
+    return first, count
+
+
+def _analyse_part(info: media.MediaInfo, choice: FaceChoice, first: int, count: Optional[int],
+                  progress: Optional[ProgressHook]) -> Analysis:
+    """`analyse` of a part of a video: frames first .. first + count."""
+    from dubber.face.track import track_faces
+
+    expected = count or max(1, int(round(info.duration * info.fps)) - first)
+    step = progress_step(progress, "detect faces", expected)
+    reader = media.VideoReader(info, start=first, count=count)
+    track = track_faces(reader, choice.detector, choice.detect_every, choice.face_index, choice.face_box,
+                        on_frame=lambda t: step(1))
+    if reader.frames_read == 0:
+        raise DubberError(f"no video frame could be decoded from {first / info.fps:.3f} s on", info.path)
+    if not track.valid.any():
+        raise DubberError("no face found in any frame of the part asked for (--start/--duration)", info.path)
+    return Analysis(info, info.fps, track)
+
+
+def _analyse(face_path: Path, options: LipsyncOptions, progress: Optional[ProgressHook],
+             info: Optional[media.MediaInfo] = None) -> Analysis:
+    """`analyse` (of the part --start/--duration name) with an honest error when --face-index /
+    --face-box select no face."""
     try:
+        first, count = _segment(info, options) if info is not None else (0, None)
+        if first or count is not None:
+            return _analyse_part(info, options.face_choice, first, count, progress)
         return analyse(face_path, options.face_choice, options.fps or media.DEFAULT_IMAGE_FPS, progress)
     except DubberError as exc:
         chosen = options.face_index or options.face_box is not None
@@ -197,39 +276,40 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     output = check.output_file("-o", output, [face_path, audio_path], options.overwrite)
     output = media.check_output(output, [face_path, audio_path], options.overwrite)
     info = media.probe(face_path)
-    if options.fps is not None and not info.is_image and abs(options.fps - info.fps) > 0.01:
-        raise check.OptionError("--fps", options.fps, f"applies to a photo; {face_path.name} is a video, which "
-                                f"keeps its own frame rate ({info.fps:.4g} fps)")
+    options.check_input(info)
     backbone = resolve_backbone(options, info.is_image)
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
     wav = audio.load_audio(audio_path)
     if options.face is not None:
         options = dataclasses.replace(options, face_box=_face_box_of(face_path, options, progress))
-    analysis = _analyse(face_path, options, progress)
+    analysis = _analyse(face_path, options, progress, info)
+    first, _ = _segment(info, options)
     generator = Generator(backbone, device, options.half)
 
     fps = analysis.fps
     duration = len(wav) / audio.SAMPLE_RATE
     n_out = max(1, int(round(duration * fps)))
-    order = pingpong(n_out, len(analysis.track))
+    order = source_order(n_out, len(analysis.track), options.loop)
     spec = backbone.crop
-    source_transforms = crop_transforms(analysis.track.landmarks, spec)
+    source_transforms = crop_transforms(analysis.track.landmarks, spec, smooth=options.smooth)
     transforms = source_transforms[order]
     landmarks = analysis.track.landmarks[order]
     identity = None
     index = identity_frame(backbone.conditioning, analysis.track.landmarks, source_transforms)
     if index is not None:
-        identity = warp_crop(next(_frames_in_order(analysis, np.array([index]))), source_transforms[index], spec.size)
+        frame = next(_frames_in_order(analysis, np.array([index]), first))
+        identity = warp_crop(frame, source_transforms[index], spec.size)
     mel = audio.log_mel(wav)
     del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
     summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
                       device=str(generator.device), notes=notes)
     if len(analysis.track) < n_out and not analysis.is_image:
-        summary.notes.append(f"video ({len(analysis.track)} frames) is shorter than the audio: played forward and back")
+        summary.notes.append(f"video ({len(analysis.track)} frames) is shorter than the audio: "
+                             f"{LOOP_NOTES[options.loop]} (--loop)")
 
     def stream() -> Iterator[Step]:
-        frames = _frames_in_order(analysis, order)
+        frames = _frames_in_order(analysis, order, first)
         for chunk in range(0, n_out, MEL_CHUNK_FRAMES):
             times = np.arange(chunk, min(n_out, chunk + MEL_CHUNK_FRAMES)) / fps
             for t, window in zip(range(chunk, n_out), audio.mel_windows(mel, times, backbone.mel_width)):
@@ -242,7 +322,7 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     with media.atomic_output(output) as tmp:
         with media.VideoWriter(tmp, fps, analysis.info.width, analysis.info.height, audio_path, duration,
                                options.crf) as writer:
-            _paste_and_write(writer, results, mode, options.colour_match, summary, step)
+            _paste_and_write(writer, results, mode, options.colour_match, summary, step, options.pads)
         if summary.frames < n_out:
             # The second decode gave fewer frames than the analysis pass saw (a file changing under us).
             raise DubberError(f"video ended early: {summary.frames} of {n_out} frames decoded", face_path)
@@ -252,12 +332,15 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
 
 
 def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match: bool, summary: Summary,
-                     step) -> None:
+                     step, pads: Sequence[float] = (0, 0, 0, 0)) -> None:
     """The one paste loop: results yield ((frame, transform, landmarks), crop, generated); frames
-    with a generated crop get it pasted under the lower-face mask, the others pass through."""
+    with a generated crop get it pasted under the lower-face mask (grown by `pads`, frame pixels:
+    top, bottom, left, right), the others pass through."""
     for (frame, matrix, points), crop, generated in results:
         if generated is not None:
-            mask = lower_face_mask(transform_points(points, matrix), crop.shape[0])
+            scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))) if any(pads) else 1.0  # crop px per frame px
+            mask = lower_face_mask(transform_points(points, matrix), crop.shape[0],
+                                   tuple(p * scale for p in pads))
             frame = paste_back(frame, crop, generated, matrix, mask, mode, colour_match)
             summary.faces += 1
         else:

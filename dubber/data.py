@@ -84,20 +84,52 @@ def identity_of(path: Path, row: Optional[dict] = None) -> str:
     return SAME_PERSON.get(path.stem, path.stem)
 
 
-def corpus(root: Path, split: str, grid_every: int = 1) -> List[dict]:
+SPLITS = ("train", "val", "val_select", "val_test")
+
+
+def val_halves(identities: Iterable[str]) -> Dict[str, str]:
+    """The val identities, sorted by name, alternately in the selection half (early stopping,
+    hyper-parameters: "val_select") and the test half that nothing is chosen on ("val_test")."""
+    return {name: ("val_select", "val_test")[k % 2] for k, name in enumerate(sorted(set(identities)))}
+
+
+def corpus(root: Path, split: str, grid_every: int = 1,
+           offsets: Optional[Dict[str, Optional[int]]] = None) -> List[dict]:
     """Files of one split with identity and lag: [{"path", "identity", "lag"}]; lag: frames the
-    mouth trails the sound. Every grid_every-th GRID sentence; wild clips with speech (training
-    skips those whose lag estimate is weak: they would teach the wrong sync)."""
-    root = Path(root)
-    items = [{"path": p, "identity": identity_of(p), "lag": 0}
-             for p in grid_split(root / "grid")[split][::grid_every]]
-    for row in wild_rows(root):
-        peak = float(row["sync_peak_est"] or 0)
-        if row["split"] != split or (split == "train" and peak < MIN_SYNC_PEAK):
-            continue
+    mouth trails the sound.
+
+    split: "train", "val" (GRID's held-out sentences and the wild val identities), or one half of
+    the wild val identities, "val_select" / "val_test" (val_halves; GRID s1 trains, so its
+    sentences are in neither). Every grid_every-th GRID sentence. Lags come from `offsets` (file
+    relative to root -> lag, None where unknown: dubber.train.offsets) where it lists the file,
+    else from the manifest's estimate; training skips clips whose lag is unknown or weak: they
+    would teach the wrong sync.
+    """
+    if split not in SPLITS:
+        raise DubberError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    root, offsets = Path(root), offsets or {}
+    items = []
+    if split in ("train", "val"):
+        for path in grid_split(root / "grid")[split][::grid_every]:
+            lag = offsets.get(path.relative_to(root).as_posix(), 0)
+            if lag is not None or split != "train":
+                items.append({"path": path, "identity": identity_of(path), "lag": lag or 0})
+    rows = wild_rows(root)
+    halves = val_halves(identity_of(root / r["file"], r) for r in rows if r["split"] == "val")
+    for row in rows:
         path = root / row["file"]
-        lag = int(row["sync_lag_est"] or 0) if peak >= MIN_SYNC_PEAK else 0
-        items.append({"path": path, "identity": identity_of(path, row), "lag": lag})
+        identity = identity_of(path, row)
+        if row["split"] != ("val" if split.startswith("val") else split) or (
+                split in ("val_select", "val_test") and halves[identity] != split):
+            continue
+        peak = float(row["sync_peak_est"] or 0)
+        if row["file"] in offsets:
+            lag = offsets[row["file"]]
+        else:
+            lag = int(row["sync_lag_est"] or 0) if peak >= MIN_SYNC_PEAK else None
+        if lag is None and split == "train":
+            continue
+        items.append({"path": path, "identity": identity, "lag": lag or 0})
     return items
 
 

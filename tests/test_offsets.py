@@ -50,3 +50,21 @@ def test_own_pooled_and_unknown_offsets(tmp_path):
     table = tmp_path / "offsets.csv"
     write_table(list(rows.values()), table)
     assert read_table(table) == {"wild/long.mp4": 3, "wild/short1.mp4": -2, "wild/short2.mp4": -2, "wild/quiet.mp4": None}
+
+
+def test_corpus_takes_lags_from_the_table_and_splits_val_identities(tmp_path):
+    from dubber import data
+
+    (tmp_path / "wild").mkdir()
+    rows = ["file,audio,audio_silent,split,sync_lag_est,sync_peak_est,note"]
+    for k in range(3):
+        rows.append(f"wild/t{k}.mp4,yes,no,train,1,0.5,id=trainee{k}")
+    for k, name in enumerate(("vera", "walt", "xena", "yuri")):
+        rows.append(f"wild/v{k}.mp4,yes,no,val,0,0.1,id={name}")
+    (tmp_path / "manifest_wild.csv").write_text("\n".join(rows) + "\n")
+    table = {"wild/t0.mp4": -3, "wild/t1.mp4": None}  # t2: not measured, the manifest's estimate stands
+    train = {item["path"].name: item["lag"] for item in data.corpus(tmp_path, "train", offsets=table)}
+    assert train == {"t0.mp4": -3, "t2.mp4": 1}  # t1's offset is unknown: not trained on
+    select = {item["identity"] for item in data.corpus(tmp_path, "val_select")}
+    test = {item["identity"] for item in data.corpus(tmp_path, "val_test")}
+    assert select == {"vera", "xena"} and test == {"walt", "yuri"}  # alternately, by name; never both

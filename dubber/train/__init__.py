@@ -17,11 +17,13 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
                       resume: bool = True, sync_expert: Optional[Path] = None, val_every: int = 0,
                       patience: int = 0, log_every: int = 50, checkpoint_every: int = 500, workers: int = 2,
                       hyperparameters: Optional[Dict[str, object]] = None, seed: int = 0,
-                      log: Callable[[str], None] = print, progress=None) -> Path:
+                      offsets: Optional[Path] = None, log: Callable[[str], None] = print, progress=None) -> Path:
     """Train registered model `name` on the train split of `data_root`; returns the written file.
 
     grid_every: use every n-th GRID training sentence (GRID is one speaker and identity sampling
-    draws it rarely). Validation (val_every > 0) uses the val split's identities: VAL_CLIPS clips.
+    draws it rarely). offsets: a table of measured audio-visual lags (dubber.train.offsets).
+    Validation (val_every > 0) uses VAL_CLIPS clips of the selection half of the val identities
+    ("val_select"); the test half is never looked at here.
     """
     import torch
 
@@ -41,8 +43,13 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
 
-    items = data.corpus(data_root, "train", grid_every)
-    val_items = _spread(data.corpus(data_root, "val"), VAL_CLIPS) if val_every else []
+    table = None
+    if offsets is not None:
+        from dubber.train.offsets import read_table
+
+        table = read_table(offsets)
+    items = data.corpus(data_root, "train", grid_every, table)
+    val_items = _spread(data.corpus(data_root, "val_select", offsets=table), VAL_CLIPS) if val_every else []
     specs = list(recipe.crops())
     log(f"{len(items)} training files, {len({i['identity'] for i in items})} identities; caching to {cache_dir}")
     data.build_cache(items + val_items, cache_dir, specs, workers=workers, progress=progress, log=log)
@@ -50,7 +57,8 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     val_clips = data.load_clips(val_items, cache_dir, specs) if val_items else []
     log(f"{len(clips)} clips, {sum(len(c['mels']) for c in clips)} frames; {len(val_clips)} validation clips")
     meta = {"source": f"{data_root} train split: GRID s1 every {grid_every}th training sentence + "
-                      "manifest_wild.csv train clips with speech and a trusted lag estimate",
+                      "manifest_wild.csv train clips with speech and a known lag",
+            "offsets": str(offsets) if offsets else "manifest sync_lag_est where sync_peak_est >= 0.2",
             "validation_clips": [c["name"] for c in val_clips]}
     train(recipe, clips, out_path, steps, val_clips=val_clips, device=device, seed=seed, resume=resume,
           log_every=log_every, checkpoint_every=checkpoint_every, val_every=val_every, patience=patience,

@@ -99,7 +99,8 @@ def lipsync(
     detector: str = typer.Option("hog", help="Face detector: hog or cnn."),
     face_index: int = typer.Option(0, help="Which face to dub, 0 = largest (see `dubber faces`)."),
     face_box: Optional[str] = typer.Option(None, help="Dub the face overlapping this box: x0,y0,x1,y1."),
-    face_id: Optional[int] = typer.Option(None, "--face", help="Dub the face with this id in `dubber faces FACE`."),
+    face_id: List[str] = typer.Option([], "--face", help="Dub the face with this id in `dubber faces FACE`; "
+                                      "repeat as ID=AUDIO to dub several people, each with their own speech."),
     batch_size: int = typer.Option(BATCH_FRAMES, help="Frames per backbone call (1-4096)."),
     crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (0-51, lower is better)."),
     start: float = typer.Option(0.0, help="Use a FACE video from this second on (like ffmpeg's -ss)."),
@@ -115,22 +116,28 @@ def lipsync(
                                                            "object per item)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ):
-    """Dub FACE with AUDIO: `dubber lipsync face.jpg speech.wav -o out.mp4`."""
+    """Dub FACE with AUDIO: `dubber lipsync face.jpg speech.wav -o out.mp4`.
+
+    Several people, one pass: `dubber lipsync interview.mp4 [MIX] -o out.mp4 --face 0=host.wav --face
+    1=guest.wav` (ids from `dubber faces`); the output's sound is MIX, or the speech tracks mixed."""
     from dubber.pipeline import LipsyncOptions
 
+    chosen, voices = _parse_faces(face_id)
     options = LipsyncOptions(backbone=backbone, weights=weights, device=device, half=half, fps=fps, blend=blend,
-                             detector=detector, face_index=face_index,
-                             face_box=check.face_box("--face-box", face_box), face=face_id, batch_size=batch_size,
+                             detector=detector, face_index=face_index, voices=voices,
+                             face_box=check.face_box("--face-box", face_box), face=chosen, batch_size=batch_size,
                              crf=crf, overwrite=overwrite, start=start, duration=duration, loop=loop, pads=pads,
                              smooth=smooth)
     notes = options.check()
     if face.is_dir() or face.suffix.lower() == ".csv":
+        if voices:
+            raise check.OptionError("--face", face_id[0], "ID=AUDIO dubs the people of one video; FACE is a batch")
         check.number("--jobs", jobs, 1, 64, what="parallel jobs")
         _lipsync_batch(face, audio, output, options, jobs, quiet, notes, json_output)
         return
-    if audio is None:
-        _fail("AUDIO is required unless FACE is a folder or a CSV manifest (usage: dubber lipsync FACE AUDIO -o OUT.mp4)",
-              EXIT_USAGE)
+    if audio is None and not voices:
+        _fail("AUDIO is required unless FACE is a folder or a CSV manifest, or each face has its speech "
+              "(--face ID=AUDIO) (usage: dubber lipsync FACE AUDIO -o OUT.mp4)", EXIT_USAGE)
     from dubber.pipeline import lipsync as run
 
     with _progress(quiet) as hook:
@@ -145,6 +152,24 @@ def lipsync(
         typer.echo(json.dumps(summary.as_dict(), indent=2))
     else:
         typer.echo(str(summary.output))
+
+
+def _parse_faces(values: List[str]):
+    """--face values -> (one face id or None, {id: speech path} or None): `ID` once, or `ID=AUDIO` repeated."""
+    chosen, voices = None, {}
+    for text in values:
+        key, sep, path = text.partition("=")
+        if not key.strip().isdigit() or (sep and not path):
+            raise check.OptionError("--face", text, "must be ID (a face id of `dubber faces`) or ID=AUDIO")
+        if not sep:
+            if chosen is not None or len(values) > 1:
+                raise check.OptionError("--face", text, "give one face id, or ID=AUDIO for each speaker")
+            chosen = int(key)
+        elif int(key) in voices:
+            raise check.OptionError("--face", text, f"face {int(key)} is given twice")
+        else:
+            voices[int(key)] = Path(path)
+    return chosen, voices or None
 
 
 def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, workers: int, quiet: bool,

@@ -251,6 +251,31 @@ def decode_audio(path: PathLike, sample_rate: int) -> np.ndarray:
     return wav
 
 
+@contextlib.contextmanager
+def mixed_audio(paths: Sequence[PathLike]):
+    """Yield a temporary WAV of the audio of `paths` mixed (as long as the longest; levels kept,
+    not divided by the number of tracks: speakers mostly take turns). Removed afterwards."""
+    fd, tmp = tempfile.mkstemp(prefix="dubber-mix-", suffix=".wav")
+    os.close(fd)
+    try:
+        inputs = [arg for path in paths for arg in ("-i", str(check_input(path)))]
+        n = len(paths)
+        for mix in (f"amix=inputs={n}:duration=longest:normalize=0",  # ffmpeg >= 5
+                    f"amix=inputs={n}:duration=longest,volume={n}"):  # older: amix divides by n
+            result = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *inputs,
+                                     "-filter_complex", mix, "-ac", "2", "-c:a", "pcm_s16le", tmp],
+                                    capture_output=True, text=True, errors="replace")
+            if result.returncode == 0:
+                break
+        else:
+            lines = result.stderr.strip().splitlines()
+            raise DubberError(f"could not mix the speech tracks ({lines[-1] if lines else 'ffmpeg failed'})", paths[0])
+        yield Path(tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def check_output(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: bool = False) -> Path:
     """Refuse outputs that would destroy an input, replace a file unasked, or cannot be written."""
     path = Path(path)

@@ -7,11 +7,12 @@ Memory is bounded by one backbone call's frames whatever the length; the analysi
 the preprocess cache (dubber.cache) stores.
 """
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -56,6 +57,7 @@ class LipsyncOptions:
     loop: str = "pingpong"  # speech longer than the video: pingpong, repeat, hold or stretch
     pads: Tuple[int, int, int, int] = (0, 0, 0, 0)  # grow (shrink) the pasted region: top, bottom, left, right px
     smooth: bool = True  # smooth the face alignment over time
+    voices: Optional[Dict[int, PathLike]] = None  # several speakers: face id (`dubber faces`) -> its speech
 
     @property
     def face_choice(self) -> FaceChoice:
@@ -87,6 +89,18 @@ class LipsyncOptions:
             if self.face_index or self.face_box is not None:
                 raise check.OptionError("--face", self.face, "choose the face with --face, --face-index or "
                                         "--face-box, not several")
+        if self.voices:
+            for face_id, voice in self.voices.items():
+                shown = f"{face_id}={voice}"
+                if not isinstance(face_id, int) or face_id < 0:
+                    raise check.OptionError("--face", shown, "must be ID=AUDIO with ID a face id of `dubber faces`")
+                if not Path(voice).is_file():
+                    raise check.OptionError("--face", shown, f"{voice}: file not found" if not Path(voice).exists()
+                                            else f"{voice}: is a folder; name an audio file")
+            if self.face is not None or self.face_index or self.face_box is not None:
+                raise check.OptionError("--face", " ".join(f"{k}={v}" for k, v in self.voices.items()),
+                                        "speakers (--face ID=AUDIO) cannot be combined with --face ID, "
+                                        "--face-index or --face-box")
         check.number("--batch-size", self.batch_size, 1, check.MAX_BATCH_FRAMES, what="frames per model call")
         check.number("--crf", self.crf, *check.CRF_RANGE, what="H.264 quality, lower is better")
         check.seconds("--start", self.start)
@@ -254,7 +268,7 @@ def _face_box_of(face_path: Path, options: LipsyncOptions, progress: Optional[Pr
     return find(list_faces(face_path, options.detector, progress=progress), options.face).box
 
 
-def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
+def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLike,
             options: Optional[LipsyncOptions] = None, progress: Optional[ProgressHook] = None,
             **settings) -> Summary:
     """Make the face in `face_path` (photo or video) speak `audio_path`; write an MP4 to `output`.
@@ -264,71 +278,140 @@ def lipsync(face_path: PathLike, audio_path: PathLike, output: PathLike,
     `progress(stage, advance, total)` is called as work advances.
 
     The output lasts as long as the audio (to within one frame) at the video's frame rate (photo:
-    options.fps). A video shorter than the audio plays forward and back; a longer one is cut.
+    options.fps). A video shorter than the audio is extended by options.loop; a longer one is cut.
     Frames without a face pass through unchanged. Every option is checked first
     (`LipsyncOptions.check`: dubber.options.OptionError), then the inputs (DubberError), before
     any decoding.
+
+    Several speakers in one pass: `voices={0: "host.wav", 1: "guest.wav"}` (face ids of
+    `list_faces`) dubs each face with its own speech; `audio_path` is then the output's soundtrack,
+    or None for the mix of the voices.
     """
     started = time.perf_counter()
     options = dataclasses.replace(options or LipsyncOptions(), **settings)  # a copy: the caller's is not changed
     notes = options.check()
-    face_path, audio_path = media.check_input(face_path), media.check_input(audio_path)
-    output = check.output_file("-o", output, [face_path, audio_path], options.overwrite)
-    output = media.check_output(output, [face_path, audio_path], options.overwrite)
+    voices = {k: media.check_input(v) for k, v in (options.voices or {}).items()}
+    if audio_path is None and not voices:
+        raise check.OptionError("AUDIO", "(none)", "is required (or give each face its speech: --face ID=AUDIO)")
+    face_path = media.check_input(face_path)
+    audio_path = None if audio_path is None else media.check_input(audio_path)
+    inputs = [face_path, audio_path, *voices.values()]
+    output = check.output_file("-o", output, inputs, options.overwrite)
+    output = media.check_output(output, [p for p in inputs if p is not None], options.overwrite)
     info = media.probe(face_path)
     options.check_input(info)
     backbone = resolve_backbone(options, info.is_image)
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
-    wav = audio.load_audio(audio_path)
-    if options.face is not None:
-        options = dataclasses.replace(options, face_box=_face_box_of(face_path, options, progress))
-    analysis = _analyse(face_path, options, progress, info)
-    first, _ = _segment(info, options)
     generator = Generator(backbone, device, options.half)
+    with contextlib.ExitStack() as cleanup:
+        if audio_path is None:  # the soundtrack: the voices mixed
+            audio_path = cleanup.enter_context(media.mixed_audio(list(voices.values())))
+        wav = audio.load_audio(audio_path)
+        duration = len(wav) / audio.SAMPLE_RATE
+        # speech features per face, before any video work (a bad track fails first); a voice is
+        # cut to the soundtrack's length
+        mels = {k: audio.log_mel(audio.load_audio(v)[:len(wav)]) for k, v in voices.items()} if voices else \
+            {options.face: audio.log_mel(wav)}
+        del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
+        if voices:
+            from dubber.faces import find, list_faces
 
-    fps = analysis.fps
-    duration = len(wav) / audio.SAMPLE_RATE
-    n_out = max(1, int(round(duration * fps)))
-    order = source_order(n_out, len(analysis.track), options.loop)
-    spec = backbone.crop
-    source_transforms = crop_transforms(analysis.track.landmarks, spec, smooth=options.smooth)
-    transforms = source_transforms[order]
-    landmarks = analysis.track.landmarks[order]
-    identity = None
-    index = identity_frame(backbone.conditioning, analysis.track.landmarks, source_transforms)
-    if index is not None:
-        frame = next(_frames_in_order(analysis, np.array([index]), first))
-        identity = warp_crop(frame, source_transforms[index], spec.size)
-    mel = audio.log_mel(wav)
-    del wav  # 3.8 MB a minute of audio: from here on only its mel features are needed
-    summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
-                      device=str(generator.device), notes=notes)
-    if len(analysis.track) < n_out and not analysis.is_image:
-        summary.notes.append(f"video ({len(analysis.track)} frames) is shorter than the audio: "
-                             f"{LOOP_NOTES[options.loop]} (--loop)")
-
-    def stream() -> Iterator[Step]:
-        frames = _frames_in_order(analysis, order, first)
-        for chunk in range(0, n_out, MEL_CHUNK_FRAMES):
-            times = np.arange(chunk, min(n_out, chunk + MEL_CHUNK_FRAMES)) / fps
-            for t, window in zip(range(chunk, n_out), audio.mel_windows(mel, times, backbone.mel_width)):
-                frame = next(frames)
-                crop = None if np.isnan(transforms[t, 0, 0]) else warp_crop(frame, transforms[t], spec.size)
-                yield Step(crop, window, (frame, transforms[t], landmarks[t]))
-
-    step = progress_step(progress, "lip sync", n_out)
-    results = apply_backbone(generator, stream(), identity, options.batch_size)
-    with media.atomic_output(output) as tmp:
-        with media.VideoWriter(tmp, fps, analysis.info.width, analysis.info.height, audio_path, duration,
-                               options.crf) as writer:
-            _paste_and_write(writer, results, mode, options.colour_match, summary, step, options.pads)
-        if summary.frames < n_out:
-            # The second decode gave fewer frames than the analysis pass saw (a file changing under us).
-            raise DubberError(f"video ended early: {summary.frames} of {n_out} frames decoded", face_path)
+            listing = list_faces(face_path, options.detector, progress=progress)
+            chosen = [(k, find(listing, k).box, voices[k]) for k in voices]
+        else:
+            box = _face_box_of(face_path, options, progress) if options.face is not None else options.face_box
+            chosen = [(options.face, box, audio_path)]
+        first, _ = _segment(info, options)
+        speakers = [_speaker(face_path, info, dataclasses.replace(options, face_box=box), face_id, mels[face_id],
+                             backbone, progress, first) for face_id, box, _ in chosen]
+        fps, n_src = speakers[0].analysis.fps, len(speakers[0].analysis.track)
+        n_out = max(1, int(round(duration * fps)))
+        summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
+                          device=str(generator.device), notes=notes)
+        if n_src < n_out and not info.is_image:
+            summary.notes.append(f"video ({n_src} frames) is shorter than the audio: {LOOP_NOTES[options.loop]} "
+                                 "(--loop)")
+        order = source_order(n_out, n_src, options.loop)
+        frames = ((frame, False) for frame in _frames_in_order(speakers[0].analysis, order, first))
+        for speaker in speakers:  # each speaker's runner reads the frames the previous one pasted into
+            frames = _dub(frames, speaker, order, fps, generator, mode, options)
+        step = progress_step(progress, "lip sync", n_out)
+        width, height = speakers[0].analysis.info.width, speakers[0].analysis.info.height
+        with media.atomic_output(output) as tmp:
+            with media.VideoWriter(tmp, fps, width, height, audio_path, duration, options.crf) as writer:
+                for frame, dubbed in frames:
+                    writer.write(frame)
+                    summary.faces += dubbed
+                    summary.passed_through += not dubbed
+                    step(1)
+            summary.frames = writer.frames_written
+            if summary.frames < n_out:
+                # The second decode gave fewer frames than the analysis pass saw (a file changing under us).
+                raise DubberError(f"video ended early: {summary.frames} of {n_out} frames decoded", face_path)
     summary.seconds = time.perf_counter() - started
     summary.model_seconds = generator.seconds
     return summary
+
+
+@dataclass
+class _Speaker:
+    """One face to dub: its analysis (track), speech features, alignment and identity crop."""
+
+    face_id: Optional[int]
+    analysis: Analysis
+    mel: np.ndarray
+    transforms: np.ndarray  # [n_src, 2, 3] frame -> crop, NaN where no face
+    identity: Optional[np.ndarray]
+
+
+def _speaker(face_path: Path, info: media.MediaInfo, options: LipsyncOptions, face_id: Optional[int], mel: np.ndarray,
+             backbone: Backbone, progress: Optional[ProgressHook], first: int) -> "_Speaker":
+    if progress is not None and options.voices:  # one progress bar per face
+        hook = progress
+        progress = lambda stage, advance, total: hook(f"{stage} ({face_id})", advance, total)  # noqa: E731
+    analysis = _analyse(face_path, options, progress, info)
+    transforms = crop_transforms(analysis.track.landmarks, backbone.crop, smooth=options.smooth)
+    identity = None
+    index = identity_frame(backbone.conditioning, analysis.track.landmarks, transforms)
+    if index is not None:
+        frame = next(_frames_in_order(analysis, np.array([index]), first))
+        identity = warp_crop(frame, transforms[index], backbone.crop.size)
+    return _Speaker(face_id, analysis, mel, transforms, identity)
+
+
+def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np.ndarray, fps: float,
+         generator: Generator, mode: str, options: LipsyncOptions) -> Iterator[Tuple[np.ndarray, bool]]:
+    """(frame, dubbed so far) for each output frame, with `speaker`'s face dubbed into it where it is found."""
+    backbone = generator.backbone
+    spec = backbone.crop
+    landmarks = speaker.analysis.track.landmarks
+    n_out = len(order)
+
+    def steps() -> Iterator[Step]:
+        for chunk in range(0, n_out, MEL_CHUNK_FRAMES):
+            times = np.arange(chunk, min(n_out, chunk + MEL_CHUNK_FRAMES)) / fps
+            for t, window in zip(range(chunk, n_out), audio.mel_windows(speaker.mel, times, backbone.mel_width)):
+                frame, dubbed = next(frames)
+                matrix = speaker.transforms[order[t]]
+                crop = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, spec.size)
+                yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]]))
+
+    for (frame, dubbed, matrix, points), crop, generated in apply_backbone(generator, steps(), speaker.identity,
+                                                                           options.batch_size):
+        if generated is not None:
+            frame = _paste(frame, crop, generated, matrix, points, mode, options.colour_match, options.pads)
+            dubbed = True
+        yield frame, dubbed
+
+
+def _paste(frame: np.ndarray, crop: np.ndarray, generated: np.ndarray, matrix: np.ndarray, points: np.ndarray,
+           mode: str, colour_match: bool, pads: Sequence[float] = (0, 0, 0, 0)) -> np.ndarray:
+    """Paste one generated crop under the lower-face mask (grown by `pads`, frame pixels: top,
+    bottom, left, right)."""
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))) if any(pads) else 1.0  # crop px per frame px
+    mask = lower_face_mask(transform_points(points, matrix), crop.shape[0], tuple(p * scale for p in pads))
+    return paste_back(frame, crop, generated, matrix, mask, mode, colour_match)
 
 
 def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match: bool, summary: Summary,
@@ -338,10 +421,7 @@ def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match
     top, bottom, left, right), the others pass through."""
     for (frame, matrix, points), crop, generated in results:
         if generated is not None:
-            scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))) if any(pads) else 1.0  # crop px per frame px
-            mask = lower_face_mask(transform_points(points, matrix), crop.shape[0],
-                                   tuple(p * scale for p in pads))
-            frame = paste_back(frame, crop, generated, matrix, mask, mode, colour_match)
+            frame = _paste(frame, crop, generated, matrix, points, mode, colour_match, pads)
             summary.faces += 1
         else:
             summary.passed_through += 1

@@ -98,7 +98,7 @@ def test_the_id_selects_the_face_in_lipsync(two_faces, tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["--face", "2"], ["--face 2", "2 faces (ids 0-1)", "dubber faces"]),
-    (["--face", "-1"], ["--face -1", "at least 0"]),
+    (["--face", "-1"], ["--face -1", "must be ID"]),
     (["--face", "1", "--face-index", "1"], ["--face 1", "not several"]),
 ])
 def test_a_face_id_that_selects_nothing(two_faces, tmp_path, args, says):

@@ -1,0 +1,112 @@
+"""Several people in one video, each dubbed with their own speech in one pass:
+`dubber lipsync interview.mp4 [MIX] -o out.mp4 --face 0=host.wav --face 1=guest.wav`."""
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+from dubber import media
+from dubber.backbones import Backbone, Generated, register
+from dubber.face.crops import CROP_FACE, CropSpec
+
+FPS = 25
+
+
+@register
+class LoudMouthBackbone(Backbone):
+    """Paints the lower half of each crop as bright as its speech window is loud: which voice drove
+    which face shows in the pixels."""
+
+    name = "loudmouth"
+    needs_weights = False
+    conditioning = "none"
+    crop = CropSpec(CROP_FACE, 96)
+
+    def forward(self, faces, mels, identity=None, state=None) -> Generated:
+        out = faces.clone()
+        level = ((mels.mean(dim=(-1, -2, -3)) + 4) / 8).clamp(0, 1)  # [B, T]: -4 (silence) .. 4
+        out[..., faces.shape[-2] // 2:, :] = level[..., None, None, None]
+        return Generated(out)
+
+
+def _frame(second: bool = True) -> np.ndarray:
+    frame = np.full((128, 240, 3), 90, np.uint8)
+    frame[:, :128] = helpers.face_frame(0, (128, 128), motion=False)
+    if second:
+        frame[14:114, 134:234] = helpers.face_frame(0, (100, 100), motion=False)
+    return frame
+
+
+def _speech(path, speaking_from: float, speaking_to: float, seconds: float = 1.0):
+    """Speech between the two times, digital silence elsewhere."""
+    rate = 16000
+    wav = np.zeros(int(seconds * rate), np.float32)
+    a, b = int(speaking_from * rate), int(speaking_to * rate)
+    wav[a:b] = helpers.speech_like(speaking_to - speaking_from, rate, amplitude=0.5)[:b - a, 0]
+    helpers.run_ffmpeg(["-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-", "-c:a", "pcm_s16le", str(path)],
+                       stdin=wav.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def interview(tmp_path_factory):
+    d = tmp_path_factory.mktemp("speakers")
+    return {"video": helpers.encode_frames(d / "two.mp4", [_frame() for _ in range(FPS)], FPS),
+            "host": _speech(d / "host.wav", 0.55, 1.0),  # the left (largest, id 0) face speaks second
+            "guest": _speech(d / "guest.wav", 0.0, 0.45),  # the right one first
+            "mix": helpers.make_tone_speech(d / "mix.wav", 1.0)}
+
+
+def _mouth_brightness(frame):
+    """Mean grey of the lower face of the left and of the right person."""
+    grey = frame.mean(-1)
+    return grey[75:100, 40:90].mean(), grey[70:92, 160:205].mean()
+
+
+@pytest.mark.slow
+def test_each_face_speaks_its_own_track(interview, tmp_path):
+    output = tmp_path / "o.mp4"
+    code, stdout, stderr = helpers.run_cli(["lipsync", interview["video"], "-o", output, "--backbone", "loudmouth",
+                                            "--face", f"0={interview['host']}", "--face", f"1={interview['guest']}",
+                                            "--blend", "alpha", "-q"])  # alpha: no colour matching hides the level
+    assert code == 0, stderr
+    frames = helpers.decode_frames(output)
+    assert len(frames) == FPS
+    early = [_mouth_brightness(f) for f in frames[2:9]]  # guest speaking, host silent
+    late = [_mouth_brightness(f) for f in frames[17:23]]  # host speaking, guest silent
+    left_early, right_early = np.mean(early, 0)
+    left_late, right_late = np.mean(late, 0)
+    print(f"left {left_early:.0f} -> {left_late:.0f}, right {right_early:.0f} -> {right_late:.0f}")
+    assert left_late > left_early + 20 and right_early > right_late + 20
+    info = media.probe(output)
+    assert info.has_audio and abs(info.duration - 1.0) < 0.1  # the two tracks mixed
+
+
+@pytest.mark.slow
+def test_speakers_with_a_mix_as_the_soundtrack(interview, tmp_path):
+    output = tmp_path / "o.mp4"
+    code, stdout, stderr = helpers.run_cli(["lipsync", interview["video"], interview["mix"], "-o", output,
+                                            "--backbone", "loudmouth", "--face", f"1={interview['guest']}", "-q"])
+    assert code == 0, stderr
+    assert len(helpers.decode_frames(output)) == FPS and media.probe(output).has_audio
+
+
+@pytest.mark.parametrize("faces, says", [
+    (["0=nowhere.wav"], ["--face 0=nowhere.wav", "file not found"]),
+    (["0={host}", "0={guest}"], ["face 0 is given twice"]),
+    (["0", "1={guest}"], ["give one face id, or ID=AUDIO"]),
+    (["x={host}"], ["must be ID", "ID=AUDIO"]),
+    (["5={host}"], ["--face 5", "2 faces (ids 0-1)"]),
+])
+def test_speaker_values_are_checked(interview, tmp_path, faces, says):
+    args = []
+    for value in faces:
+        args += ["--face", value.format(host=interview["host"], guest=interview["guest"])]
+    code, stdout, stderr = helpers.run_cli(["lipsync", interview["video"], "-o", tmp_path / "o.mp4", "--backbone",
+                                            "loudmouth", "-q", *args])
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for text in says:
+        assert text in lines[0], lines[0]
+    assert not (tmp_path / "o.mp4").exists()

@@ -3,8 +3,9 @@
 evaluation's metrics on the crops -- no decode, paste or encode, so it costs seconds.
 
 Figures: val_lmd (mouth-landmark distance, dlib landmarks refitted on generated and real crops
-from the same box), val_l1_lower (mean absolute error of the crop's lower half, [0, 1] scale) and
-val_psnr_lower (dB).
+from the same box) beside val_lmd_static (the same for the clip's first frame held still: the
+baseline a generator must beat), val_l1_lower (mean absolute error of the crop's lower half,
+[0, 1] scale) and val_psnr_lower (dB).
 """
 
 from typing import Dict, Sequence
@@ -43,9 +44,9 @@ def _crop_landmarks(crops: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def generator_figures(model: Backbone, clips: Sequence[dict], device: torch.device) -> Dict[str, float]:
-    """Mean val_lmd, val_l1_lower, val_psnr_lower over clips."""
+    """Mean val_lmd, val_lmd_static, val_l1_lower, val_psnr_lower over clips."""
     was_training = model.training
-    lmd, l1, psnr = [], [], []
+    lmd, static, l1, psnr = [], [], [], []
     key = model.crop.key
     for clip in clips:
         generated = generate_clip(model, clip, device)
@@ -53,10 +54,14 @@ def generator_figures(model: Backbone, clips: Sequence[dict], device: torch.devi
         points = np.stack([transform_points(p, m) for p, m in
                            zip(clip["landmarks"][: len(generated)], clip["transforms"][key][: len(generated)])])
         boxes = np.concatenate([points.min(1), points.max(1)], axis=1)  # one box for both: same fit
-        lmd.append(metrics.mouth_landmark_distance(_crop_landmarks(generated, boxes), _crop_landmarks(real, boxes)))
+        real_points = _crop_landmarks(real, boxes)
+        lmd.append(metrics.mouth_landmark_distance(_crop_landmarks(generated, boxes), real_points))
+        still = np.repeat(real_points[:1], len(real_points), axis=0)
+        static.append(metrics.mouth_landmark_distance(still, real_points))
         half = real.shape[1] // 2
         lower_g, lower_r = generated[:, half:].astype(np.float32), real[:, half:].astype(np.float32)
         l1.append(float(np.abs(lower_g - lower_r).mean() / 255))
         psnr.append(metrics.psnr(lower_g, lower_r, cap_db=100.0))
     model.train(was_training)
-    return {"val_lmd": float(np.mean(lmd)), "val_l1_lower": float(np.mean(l1)), "val_psnr_lower": float(np.mean(psnr))}
+    return {"val_lmd": float(np.mean(lmd)), "val_lmd_static": float(np.mean(static)),
+            "val_l1_lower": float(np.mean(l1)), "val_psnr_lower": float(np.mean(psnr))}

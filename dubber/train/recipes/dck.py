@@ -66,6 +66,7 @@ class DCKRecipe(Recipe):
     sync_weight: float = SYNC_WEIGHT
     sync_expert: str = ""  # path of a trained syncnet file: adds the sync loss
     colour_jitter: float = COLOUR_JITTER
+    init: str = ""  # path of a dck file to start from (fine-tuning) instead of a fresh model
 
     @property
     def window(self) -> int:
@@ -75,7 +76,15 @@ class DCKRecipe(Recipe):
         return [CropSpec(CROP_BOX, self.size)] + ([FACE_CROP] if self.sync_expert else [])
 
     def build(self) -> Dict[str, torch.nn.Module]:
-        return {"model": DCK(size=self.size), "disc": PatchDiscriminator()}
+        model = DCK(size=self.size)
+        if self.init:
+            from dubber.backbones import load_backbone
+
+            start = load_backbone("dck", self.init)
+            if start.init_kwargs != model.init_kwargs:
+                raise ValueError(f"{self.init} holds a DCK built with {start.init_kwargs}, not {model.init_kwargs}")
+            model.load_state_dict(start.state_dict())
+        return {"model": model, "disc": PatchDiscriminator()}
 
     def optimizers(self, modules):
         return {name: torch.optim.Adam(modules[module].parameters(), lr=self.lr, betas=tuple(self.adam_betas))

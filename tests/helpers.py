@@ -83,6 +83,25 @@ class CrashingBackbone(IdentityBackbone):
         return Generated(faces)
 
 
+class ClockExpert(torch.nn.Module):
+    """A fake sync expert whose embeddings are angles: a mouth window points at its middle frame's
+    pixel value, an audio window at its mel value, so distances are smallest where the frames match."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def _angle(value):
+        return torch.stack([torch.cos(0.1 * value), torch.sin(0.1 * value)], dim=1)
+
+    def embed_face(self, windows):
+        return self._angle(windows[:, 3 * 2].mean(dim=(1, 2)) * 255)  # red channel of frame 2 of 5
+
+    def embed_audio(self, mels):
+        return self._angle(mels.mean(dim=(1, 2, 3)))
+
+
 # ---------------------------------------------------------------------------------------------
 # running the CLI
 

@@ -2,29 +2,9 @@
 confident clips, the identity's pooled offset for short ones, none when nothing is confident."""
 
 import numpy as np
-import torch
 
-from dubber.backbones.syncnet import MOUTH_FRAMES
+import helpers
 from dubber.train.offsets import MIN_OWN_WINDOWS, measure_offsets, read_table, write_table
-
-
-class ClockExpert(torch.nn.Module):
-    """Embeddings are angles: a mouth window points at its middle frame's pixel value, an audio
-    window at its mel value, so distances are smallest where the frames match."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    @staticmethod
-    def _angle(value):
-        return torch.stack([torch.cos(0.1 * value), torch.sin(0.1 * value)], dim=1)
-
-    def embed_face(self, windows):
-        return self._angle(windows[:, 3 * (MOUTH_FRAMES // 2)].mean(dim=(1, 2)) * 255)
-
-    def embed_audio(self, mels):
-        return self._angle(mels.mean(dim=(1, 2, 3)))
 
 
 def clock_clip(name, identity, frames, mouth_lag, speech=True):
@@ -42,7 +22,7 @@ def test_own_pooled_and_unknown_offsets(tmp_path):
              clock_clip("short1", "bert", 30, -2), clock_clip("short2", "bert", 30, -2),  # pooled
              clock_clip("quiet", "carl", 40, 4, speech=False)]  # no speech: nothing to measure
     files = {"long": "wild/long.mp4", "short1": "wild/short1.mp4", "short2": "wild/short2.mp4", "quiet": "wild/quiet.mp4"}
-    rows = {row["file"]: row for row in measure_offsets(clips, ClockExpert(), files, log=lambda m: None)}
+    rows = {row["file"]: row for row in measure_offsets(clips, helpers.ClockExpert(), files, log=lambda m: None)}
     assert (rows["wild/long.mp4"]["lag"], rows["wild/long.mp4"]["source"]) == (3, "clip")
     assert (rows["wild/short1.mp4"]["lag"], rows["wild/short1.mp4"]["source"]) == (-2, "identity")
     assert rows["wild/short1.mp4"]["clip_offset"] == -2  # measured, but too few windows to trust alone

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from dubber.audio import MEL_WINDOW as MEL_WIDTH
 from dubber.backbones import load
-from dubber.backbones.syncnet import MOUTH_FRAMES, MOUTH_H, MOUTH_W, SyncNet, mouths_from_faces
+from dubber.backbones.syncnet import MOUTH_H, MOUTH_W, SyncNet, mouths_from_faces
 from dubber.eval.sync import offset_distances, sync_scores
 from dubber.train.loop import checkpoint_path_for, train
 from dubber.train.recipes import recipe_for
@@ -80,26 +81,6 @@ def test_shapes():
         model.embed_face(torch.rand(3, 3, MOUTH_H, MOUTH_W))
 
 
-class _ClockNet(torch.nn.Module):
-    """A fake expert whose embeddings are angles: a face window points at its middle frame's pixel
-    value, an audio window at its mel value. Distances are then smallest where the frames match."""
-
-    def __init__(self):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    @staticmethod
-    def _angle(value):
-        return torch.stack([torch.cos(0.1 * value), torch.sin(0.1 * value)], dim=1)
-
-    def embed_face(self, windows):
-        middle_red = windows[:, 3 * (MOUTH_FRAMES // 2)]
-        return self._angle(middle_red.mean(dim=(1, 2)) * 255)
-
-    def embed_audio(self, mels):
-        return self._angle(mels.mean(dim=(1, 2, 3)))
-
-
 def _clock_clip(frames, mouth_lag):
     mouth_frame = np.arange(frames) - mouth_lag  # frame t shows the mouth of audio frame t - lag
     mouths = np.repeat(mouth_frame + 20, MOUTH_H * MOUTH_W * 3).reshape(frames, MOUTH_H, MOUTH_W, 3)
@@ -110,14 +91,14 @@ def _clock_clip(frames, mouth_lag):
 @pytest.mark.parametrize("mouth_lag", [0, 3, -4])
 def test_offset_search_indexing_and_sign(mouth_lag):
     mouths, mels = _clock_clip(40, mouth_lag)
-    distances = offset_distances(_ClockNet(), mouths, mels)
+    distances = offset_distances(helpers.ClockExpert(), mouths, mels)
     assert distances.shape == (36, 31)
     assert np.isnan(distances[0, 0]) and np.isnan(distances[-1, -1])  # audio frames outside the clip
     # Column o is audio shift o - 15; a mouth lag L is found at shift -L where that audio exists.
     middles = np.arange(36) + 2
     inside = (middles - mouth_lag >= 0) & (middles - mouth_lag < 40)
     assert (np.nanargmin(distances, axis=1)[inside] == 15 - mouth_lag).all()
-    scores = sync_scores(_ClockNet(), mouths, mels, expected_offset=mouth_lag)
+    scores = sync_scores(helpers.ClockExpert(), mouths, mels, expected_offset=mouth_lag)
     assert scores["offset"] == mouth_lag  # positive: the mouth moves after the sound
     assert scores["offset_accuracy"] >= inside.mean()
     assert scores["lse_d"] == pytest.approx(0.0, abs=1e-4)

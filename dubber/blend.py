@@ -6,22 +6,42 @@ saw, G its output, ↑ the inverse warp, m the mask and k = exp(−|G↑ − C�
 frame's own fine detail wherever the model changed little. An unchanged crop therefore returns
 the frame bit for bit, and resampling never blurs skin the model did not touch.
 
-The mask is always the soft lower-face mask from the landmarks. Modes: "feather" (G's colour is
-matched to the crop's under it), "alpha" (the model's own α already weights G, as DCK does: no
-colour matching; the mask still bounds it, so α that strays onto the jaw line or the collar never
-reaches the frame), "poisson" (OpenCV seamless cloning of the feathered result).
+The mask is always the soft lower-face mask from the landmarks, over mouth and chin: its top
+edge runs below the nose (the nose does not change when a person speaks, and a generator's blend
+base may show another frame's nose there: a ghost edge), its sides a little beyond the mouth
+corners rather than out to the jaw line (far cheeks are where another frame's pose shows), never
+outside the jaw. Two corrections keep the paste invisible at the mask's edge:
+
+- seam: the generator's change along the mask's edge (a tone mismatch: another frame's cheek,
+  a different skin shade) is interpolated smoothly inwards and subtracted, so the pasted change
+  falls to zero at the edge instead of ending in an arc, while the mouth's own change stays;
+- palette: pixels whose colour (chroma) the crop's own lower face never shows -- a generator's
+  purple or green smear -- take the nearest chroma it does show, keeping their brightness.
+
+Modes: "feather" (G's colour is matched to the crop's under it), "alpha" (the model's own α
+already weights G, as DCK does: no colour matching; the mask still bounds it, so α that strays
+onto the jaw line or the collar never reaches the frame), "poisson" (OpenCV seamless cloning of
+the feathered result).
 """
 
 
 import numpy as np
 
 from dubber.face.align import crop_roi, inverse_affine
-from dubber.face.landmarks import LOWER_JAW, NOSE_BRIDGE_LOW
+from dubber.face.landmarks import LOWER_JAW
 
 BLEND_MODES = ("feather", "alpha", "poisson")
 MASK_FEATHER = 0.05  # Gaussian sigma of the mask edge, as a fraction of the crop side
 BORDER_FEATHER = 0.06  # fraction of the crop side over which the crop's own border fades out
 DETAIL_TAU = 12.0  # grey levels: changes larger than this drop the frame's original detail
+NOSE_BASE = slice(31, 36)  # iBUG: the nose's lower edge, nostril to nostril (33: below the tip)
+NOSE_BOTTOM, UPPER_LIP_TOP = 33, 51
+NOSE_CLEARANCE = 0.4  # the mask's top edge: this fraction of the way from the nose's base to the upper lip
+MOUTH_LEFT, MOUTH_RIGHT = 48, 54  # mouth corners
+MOUTH_MARGIN = 0.35  # the mask reaches this many mouth widths beyond each corner (not the whole cheek)
+CHIN = slice(4, 13)  # jaw points round the chin
+SEAM_SIGMA = 0.08  # fraction of the crop side: how smoothly the change along the mask's edge is spread inwards
+PALETTE_RADIUS = 3  # chroma levels (YCrCb) around the crop's own colours that count as its palette
 
 
 def lower_face_mask(crop_landmarks: np.ndarray, size: int, pads=(0, 0, 0, 0)) -> np.ndarray:
@@ -31,16 +51,30 @@ def lower_face_mask(crop_landmarks: np.ndarray, size: int, pads=(0, 0, 0, 0)) ->
     each side, or shrink it where negative."""
     import cv2
 
-    # The mask's top edge passes through the low nose bridge.
-    points = np.concatenate([crop_landmarks[LOWER_JAW], crop_landmarks[[NOSE_BRIDGE_LOW]]])
-    hull = cv2.convexHull(np.round(points * 4).astype(np.int32))  # quarter-pixel precision
-    mask = np.zeros((size, size), np.uint8)
-    cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=2)
+    # Mouth and chin: below the nose (across its base, lowered towards the upper lip), out beyond
+    # the mouth corners, down round the chin; and never outside the jaw line.
+    lm = crop_landmarks
+    lowered = lm[NOSE_BASE] + NOSE_CLEARANCE * (lm[UPPER_LIP_TOP] - lm[NOSE_BOTTOM])
+    across = lm[MOUTH_RIGHT] - lm[MOUTH_LEFT]
+    corners = np.stack([lm[MOUTH_LEFT] - MOUTH_MARGIN * across, lm[MOUTH_RIGHT] + MOUTH_MARGIN * across])
+    raised = corners + (lowered[len(lowered) // 2] - lm[UPPER_LIP_TOP])  # up to the nose line: corners move
+    mask = _polygon(np.concatenate([lowered, corners, raised, lm[CHIN]]), size)
+    mask = np.minimum(mask, _polygon(np.concatenate([lm[LOWER_JAW], lowered]), size))
     if any(round(p) for p in pads):
         mask = _pad_region(mask, [int(round(p)) for p in pads])
     sigma = MASK_FEATHER * size
     mask = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), sigma)
     return mask * border_mask(size)
+
+
+def _polygon(points: np.ndarray, size: int) -> np.ndarray:
+    """The convex hull of crop-space points filled: uint8 [size, size] (255 inside, anti-aliased)."""
+    import cv2
+
+    hull = cv2.convexHull(np.round(points * 4).astype(np.int32))  # quarter-pixel precision
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=2)
+    return mask
 
 
 def _pad_region(mask: np.ndarray, pads) -> np.ndarray:
@@ -80,6 +114,53 @@ def match_colour(generated: np.ndarray, source: np.ndarray, mask: np.ndarray) ->
     return (generated - mean_g) * gain + mean_s
 
 
+def match_seam(generated: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Subtract from the change (generated - source) its values along the mask's edge, spread
+    smoothly inwards (a membrane-like fill by normalised Gaussian convolution): the change then
+    fades to zero at the edge. float32 [S, S, 3] -> float32 [S, S, 3]."""
+    import cv2
+
+    ring = 4 * mask * (1 - mask)  # 1 on the mask's 0.5 contour, 0 deep inside and outside
+    if float(ring.sum()) < 1e-3:
+        return generated
+    delta = generated - source
+    sigma = SEAM_SIGMA * mask.shape[0]
+    spread = cv2.GaussianBlur(delta * ring[..., None], (0, 0), sigma)
+    weight = cv2.GaussianBlur(ring, (0, 0), sigma)[..., None]
+    return generated - spread / np.maximum(weight, 1e-4)
+
+
+def match_palette(generated: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Give pixels of `generated` whose chroma (YCrCb) appears nowhere in `source` under `mask`
+    (within PALETTE_RADIUS) the nearest chroma that does, keeping their brightness (Y). Other
+    pixels are returned untouched. float32 BGR [S, S, 3] in [0, 255] -> the same."""
+    import cv2
+    from scipy.ndimage import distance_transform_edt
+
+    inside = mask > 0.5
+    if not inside.any():
+        return generated
+    src = cv2.cvtColor(np.clip(source, 0, 255).astype(np.float32) / 255, cv2.COLOR_BGR2YCrCb)
+    gen = cv2.cvtColor(np.clip(generated, 0, 255).astype(np.float32) / 255, cv2.COLOR_BGR2YCrCb)
+    occupied = np.zeros((256, 256), np.uint8)
+    chroma = np.clip(np.round(src[inside][:, 1:] * 255), 0, 255).astype(np.int64)
+    occupied[chroma[:, 0], chroma[:, 1]] = 1
+    size = 2 * PALETTE_RADIUS + 1
+    occupied = cv2.dilate(occupied, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+    cells = np.clip(np.round(gen[..., 1:] * 255), 0, 255).astype(np.int64)
+    off = ~occupied[cells[..., 0], cells[..., 1]].astype(bool)
+    off &= np.abs(gen[..., 1:] - src[..., 1:]).max(-1) * 255 > PALETTE_RADIUS  # the source's own colours stay
+    if not off.any():
+        return generated
+    _, (near_cr, near_cb) = distance_transform_edt(occupied == 0, return_indices=True)
+    fixed = gen.copy()
+    fixed[off, 1] = near_cr[cells[off, 0], cells[off, 1]] / 255
+    fixed[off, 2] = near_cb[cells[off, 0], cells[off, 1]] / 255
+    out = generated.copy()
+    out[off] = cv2.cvtColor(fixed, cv2.COLOR_YCrCb2BGR)[off] * 255
+    return out
+
+
 def paste_back(frame: np.ndarray, source_crop: np.ndarray, generated_crop: np.ndarray, matrix: np.ndarray,
                mask: np.ndarray, mode: str = "feather", colour_match: bool = True) -> np.ndarray:
     """Blend a generated crop into its frame.
@@ -102,6 +183,8 @@ def paste_back(frame: np.ndarray, source_crop: np.ndarray, generated_crop: np.nd
     generated = generated_crop.astype(np.float32)
     if colour_match and mode != "alpha":
         generated = match_colour(generated, source, mask)
+    if not np.array_equal(generated_crop, source_crop):
+        generated = match_seam(match_palette(generated, source, mask), source, mask)
     back = inverse_affine(matrix).astype(np.float64)
     back[:, 2] -= np.array([x0, y0])  # crop -> ROI coordinates
     dsize = (x1 - x0, y1 - y0)

@@ -555,8 +555,7 @@ def main():
         exc.show()
         sys.exit(exc.exit_code)
     except UsageError as exc:
-        hint = f" (see dubber {exc.ctx.info_name} --help)" if exc.ctx is not None and exc.ctx.info_name != "dubber" \
-            else " (see dubber --help)"
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else " (see dubber --help)"
         typer.echo(f"error: {_usage_message(exc)}{hint}", err=True)
         sys.exit(EXIT_USAGE)
     except (KeyboardInterrupt, typer.Abort):

@@ -108,7 +108,7 @@ def test_loop_modes_when_the_speech_is_longer(marked, loop, tmp_path):
                                             "--backbone", "identity", "--duration", "0.4", "--loop", loop])
     assert code == 0, stderr
     assert _markers(output) == source_order(FPS, 10, loop).tolist()
-    assert f"video (10 frames) is shorter than the audio" in stderr and "(--loop)" in stderr
+    assert "video (10 frames) is shorter than the audio" in stderr and "(--loop)" in stderr
 
 
 def _mask_edges(mask):

@@ -13,9 +13,9 @@ case needs them to find the problem (a face index beyond the faces a file has). 
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import helpers
 from dubber import media

@@ -113,6 +113,10 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
                 losses = recipe.train_step(modules, optimizers, sampler, rng, step, device)
                 state["step"] = step = step + 1
                 advance(1)
+                if step == steps - total + 1 and total > 1:  # the first step of this run: an estimate
+                    took = time.perf_counter() - started
+                    log(f"first step took {took:.1f} s: about {_duration(took * total)} for {total} steps "
+                        f"(later steps are usually faster; the log gives a running ETA)")
                 for key, value in losses.items():
                     totals[key] = totals.get(key, 0.0) + value
                 counted += 1

@@ -59,6 +59,7 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     meta = {"source": f"{data_root} train split: GRID s1 every {grid_every}th training sentence + "
                       "manifest_wild.csv train clips with speech and a known lag",
             "offsets": str(offsets) if offsets else "manifest sync_lag_est where sync_peak_est >= 0.2",
+            "offsets_table": table or {},  # file -> lag (None: unknown, not trained on)
             "validation_clips": [c["name"] for c in val_clips]}
     train(recipe, clips, out_path, steps, val_clips=val_clips, device=device, seed=seed, resume=resume,
           log_every=log_every, checkpoint_every=checkpoint_every, val_every=val_every, patience=patience,

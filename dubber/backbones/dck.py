@@ -11,7 +11,7 @@ Differences from the paper, all forced by what we have: 128x128 crops by default
 the paper uses 256), a 128-wide middle (paper: 256) so the shipped file stays small, the audio
 encoder is trained from scratch (the paper reuses Wav2Lip's pre-trained one), and the input is the
 frame with its lower half masked plus a reference frame of the same person (Wav2Lip-style), because
-we train self-supervised on real video instead of on synthetic Wav2Lip pairs (dubber.train.dck).
+we train self-supervised on real video instead of on synthetic Wav2Lip pairs (dubber.train.recipes.dck).
 """
 
 from functools import lru_cache

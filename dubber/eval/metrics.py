@@ -3,7 +3,7 @@
 Image quality: PSNR, SSIM (Wang et al. 2004), CPBD sharpness (Narvekar & Karam 2011, the
 "Lip movements generation at a glance" protocol). Mouth shape: LMD (mean-calibrated, as in Glance).
 Sync without a learned model: mouth aperture vs speech envelope correlation. Sync with the learned
-expert: LSE-D / LSE-C / AV offset from a [windows, offsets] distance matrix (dubber.eval.syncnet).
+expert: LSE-D / LSE-C / AV offset from a [windows, offsets] distance matrix (dubber.eval.sync).
 
 Sign convention shared by every lag/offset here: positive = the mouth moves after the sound.
 """

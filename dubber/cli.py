@@ -337,15 +337,29 @@ def train(
     log_every: int = typer.Option(50, help="Log mean losses every N steps."),
     checkpoint_every: int = typer.Option(500, help="Write the resumable training state every N steps."),
     workers: int = typer.Option(2, help="Processes building the preprocess cache (1-64)."),
+    offsets: Optional[Path] = typer.Option(None, help="Measured audio-visual lags (weights/offsets.csv; python -m dubber.train.offsets)."),
+    set_: List[str] = typer.Option([], "--set", help="A recipe hyperparameter, KEY=VALUE (repeatable): --set init=weights/dck.pt"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Train a backbone or the sync expert from scratch on the corpus; checkpoints and resumes."""
     import datetime
+    import json
 
     from dubber.train import train_from_corpus
 
     _check_train(backbone, data, cache, out, force, steps, batch_size, device, grid_every, sync_expert, val_every,
                  patience, log_every, checkpoint_every, workers)
+    if offsets is not None:
+        check.existing_file("--offsets", offsets)
+    hyperparameters = {}
+    for text in set_:
+        key, equals, value = text.partition("=")
+        if not equals or not key:
+            raise check.OptionError("--set", text, "must be KEY=VALUE")
+        try:
+            hyperparameters[key] = json.loads(value)  # numbers, true/false, [lists]
+        except ValueError:
+            hyperparameters[key] = value  # anything else is a string (a path)
     if out is None:
         out = Path("runs") / f"{backbone}-{datetime.datetime.now():%Y%m%d-%H%M%S}" / f"{backbone}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -353,7 +367,7 @@ def train(
     with _progress(quiet) as hook:
         written = train_from_corpus(backbone, data, cache, out, steps, batch_size, device, grid_every, resume,
                                     sync_expert, val_every, patience, log_every, checkpoint_every, workers,
-                                    log=log, progress=hook)
+                                    hyperparameters=hyperparameters, offsets=offsets, log=log, progress=hook)
     typer.echo(str(written))
 
 

@@ -132,13 +132,17 @@ def test_eval_without_sync_expert_weights_says_so(tmp_path, monkeypatch):
 def test_contract_backbones_train_dub_and_evaluate(backbone, corpus, tmp_path, monkeypatch):
     """A window-1 and a window-16 stateful backbone through train (with validation on the held-out
     identity), lipsync (photo; video with a faceless stretch mid-way and audio longer than it) and eval."""
-    code, out, err, weights = train(backbone, corpus, tmp_path, 3, 2, "--val-every", "2")
+    offsets = tmp_path / "offsets.csv"
+    offsets.write_text("file,lag\nwild/held_out.mp4,1\n")
+    code, out, err, weights = train(backbone, corpus, tmp_path, 3, 2, "--val-every", "2", "--offsets", offsets,
+                                    "--set", "lr=0.002")
     assert code == 0, err
     from dubber.checkpoint import load_package
 
     meta = load_package(weights)["meta"]
     assert meta["steps"] == 3 and meta["selected_step"] in (2, 3) and "val_lmd" in meta["validation"]
     assert meta["data"]["validation_clips"] == ["held_out#0"]
+    assert meta["recipe"]["lr"] == 0.002 and meta["data"]["offsets_table"] == {"wild/held_out.mp4": 1}
 
     speech = helpers.make_tone_speech(tmp_path / "speech.wav", 2.6)
     photo_out = tmp_path / "photo.mp4"

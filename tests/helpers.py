@@ -267,6 +267,15 @@ def face_frame(t: float, size: Tuple[int, int] = (160, 128), motion: bool = True
                           borderMode=cv2.BORDER_REFLECT101)
 
 
+def two_faces_frame(second: bool = True) -> np.ndarray:
+    """240x128: a large face on the left and (when `second`) a smaller one on the right."""
+    frame = np.full((128, 240, 3), 90, np.uint8)
+    frame[:, :128] = face_frame(0, (128, 128), motion=False)
+    if second:
+        frame[14:114, 134:234] = face_frame(0, (100, 100), motion=False)
+    return frame
+
+
 def make_frames(seconds: float, fps: float, size: Tuple[int, int] = (160, 128), motion: bool = True,
                 marker: bool = True, blank: Iterable[int] = ()) -> Iterable[np.ndarray]:
     blank = set(blank)

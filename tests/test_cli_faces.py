@@ -12,21 +12,12 @@ from dubber import media
 FPS = 25
 
 
-def _two_faces_frame(second: bool = True) -> np.ndarray:
-    """240x128: a large face on the left, (when `second`) a smaller one on the right."""
-    frame = np.full((128, 240, 3), 90, np.uint8)
-    frame[:, :128] = helpers.face_frame(0, (128, 128), motion=False)
-    if second:
-        frame[14:114, 134:234] = helpers.face_frame(0, (100, 100), motion=False)
-    return frame
-
-
 @pytest.fixture(scope="module")
 def two_faces(tmp_path_factory):
     """A photo with two faces, and a 2 s video where the second face is there from 1 s to 1.8 s."""
     d = tmp_path_factory.mktemp("faces")
-    photo = helpers.write_image(d / "two.png", _two_faces_frame())
-    frames = [_two_faces_frame(second=FPS <= k < 45) for k in range(2 * FPS)]
+    photo = helpers.write_image(d / "two.png", helpers.two_faces_frame())
+    frames = [helpers.two_faces_frame(second=FPS <= k < 45) for k in range(2 * FPS)]
     video = helpers.encode_frames(d / "arrives.mp4", frames, FPS)
     speech = helpers.make_tone_speech(d / "speech.wav", 2.0)
     return {"photo": photo, "video": video, "speech": speech}

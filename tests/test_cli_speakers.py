@@ -31,14 +31,6 @@ class LoudMouthBackbone(Backbone):
         return Generated(out)
 
 
-def _frame(second: bool = True) -> np.ndarray:
-    frame = np.full((128, 240, 3), 90, np.uint8)
-    frame[:, :128] = helpers.face_frame(0, (128, 128), motion=False)
-    if second:
-        frame[14:114, 134:234] = helpers.face_frame(0, (100, 100), motion=False)
-    return frame
-
-
 def _speech(path, speaking_from: float, speaking_to: float, seconds: float = 1.0):
     """Speech between the two times, digital silence elsewhere."""
     rate = 16000
@@ -53,7 +45,7 @@ def _speech(path, speaking_from: float, speaking_to: float, seconds: float = 1.0
 @pytest.fixture(scope="module")
 def interview(tmp_path_factory):
     d = tmp_path_factory.mktemp("speakers")
-    return {"video": helpers.encode_frames(d / "two.mp4", [_frame() for _ in range(FPS)], FPS),
+    return {"video": helpers.encode_frames(d / "two.mp4", [helpers.two_faces_frame() for _ in range(FPS)], FPS),
             "host": _speech(d / "host.wav", 0.55, 1.0),  # the left (largest, id 0) face speaks second
             "guest": _speech(d / "guest.wav", 0.0, 0.45),  # the right one first
             "mix": helpers.make_tone_speech(d / "mix.wav", 1.0)}
@@ -79,7 +71,7 @@ def test_each_face_speaks_its_own_track(interview, tmp_path):
     assert code == 0, stderr
     frames = helpers.decode_frames(output)
     assert len(frames) == FPS
-    levels = _patch_brightness(frames, _frame().astype(np.float64))
+    levels = _patch_brightness(frames, helpers.two_faces_frame().astype(np.float64))
     left_early, right_early = np.mean(levels[2:9], 0)  # guest speaking, host silent
     left_late, right_late = np.mean(levels[17:23], 0)  # host speaking, guest silent
     print(f"left {left_early:.0f} -> {left_late:.0f}, right {right_early:.0f} -> {right_late:.0f}")

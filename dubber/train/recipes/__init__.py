@@ -25,17 +25,21 @@ def recipe(cls: type) -> type:
     return _RECIPES[cls.model]
 
 
-def recipe_for(name: str, **hyperparameters) -> "Recipe":
-    """The recipe of registered model `name`, with hyperparameters overridden."""
+def _import_recipes(*names: str) -> None:
+    """Import the recipe modules of these registered models (those that have one)."""
     from dubber.backbones import BUILTIN
 
-    module = BUILTIN.get(name)
-    if module is not None:
+    for module in sorted({BUILTIN[name] for name in names if name in BUILTIN}):
         try:
             importlib.import_module(f"{__name__}.{module.rsplit('.', 1)[1]}")
         except ModuleNotFoundError as exc:
             if not exc.name.startswith(__name__):
                 raise
+
+
+def recipe_for(name: str, **hyperparameters) -> "Recipe":
+    """The recipe of registered model `name`, with hyperparameters overridden."""
+    _import_recipes(name)
     if name not in _RECIPES:
         raise DubberError(f"no training recipe for {name!r}; trainable: {', '.join(sorted(trainable()))}")
     fields = {f.name for f in dataclasses.fields(_RECIPES[name])}
@@ -49,12 +53,7 @@ def trainable() -> List[str]:
     """Names of the registered models that have a recipe."""
     from dubber.backbones import BUILTIN
 
-    for module in sorted(set(BUILTIN.values())):
-        try:
-            importlib.import_module(f"{__name__}.{module.rsplit('.', 1)[1]}")
-        except ModuleNotFoundError as exc:
-            if not exc.name.startswith(__name__):
-                raise
+    _import_recipes(*BUILTIN)
     return sorted(_RECIPES)
 
 

@@ -55,9 +55,14 @@ def progress_step(progress: Optional[ProgressHook], stage: str, total: Optional[
 
 
 def analyse(face_path: PathLike, choice: FaceChoice = FaceChoice(), image_fps: float = media.DEFAULT_IMAGE_FPS,
-            progress: Optional[ProgressHook] = None, keep_frames: bool = False) -> Analysis:
-    """Decode a photo or video once and track the chosen face through it (photo: at image_fps)."""
-    info = media.probe(face_path)
+            progress: Optional[ProgressHook] = None, keep_frames: bool = False,
+            info: Optional[media.MediaInfo] = None, first: int = 0, count: Optional[int] = None) -> Analysis:
+    """Decode a photo or video once and track the chosen face through it (photo: at image_fps).
+
+    info: the file's probe when the caller has it (one `ffmpeg -i` fewer); first / count: only
+    that part of a video (source frames first .. first + count; count None: to the end).
+    """
+    info = info or media.probe(face_path)
     if info.is_image:
         image = media.read_image(info.path)
         info.width, info.height = image.shape[1], image.shape[0]
@@ -67,17 +72,20 @@ def analyse(face_path: PathLike, choice: FaceChoice = FaceChoice(), image_fps: f
         return Analysis(info, image_fps, track, image)
     if not info.has_video:
         raise DubberError("has no video stream (expected a photo or a video of a face)", info.path)
-    expected = max(1, int(round(info.duration * info.fps)))
+    part = bool(first) or count is not None
+    expected = count or max(1, int(round(info.duration * info.fps)) - first)
     step = progress_step(progress, "detect faces", expected)
-    reader = media.VideoReader(info)
+    reader = media.VideoReader(info, start=first, count=count) if part else media.VideoReader(info)
     frames: List[np.ndarray] = []
     source = reader if not keep_frames else _keeping(reader, frames)
     track = track_faces(source, choice.detector, choice.detect_every, choice.face_index,
                         choice.face_box, on_frame=lambda t: step(1))
     if reader.frames_read == 0:
-        raise DubberError("no video frame could be decoded (corrupt or truncated file)", info.path)
+        raise DubberError(f"no video frame could be decoded from {first / info.fps:.3f} s on" if part else
+                          "no video frame could be decoded (corrupt or truncated file)", info.path)
     if not track.valid.any():
-        raise DubberError("no face found in any frame", info.path)
+        raise DubberError("no face found in any frame of the part asked for (--start/--duration)" if part else
+                          "no face found in any frame", info.path)
     return Analysis(info, info.fps, track, frames=frames)
 
 

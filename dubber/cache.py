@@ -44,7 +44,7 @@ def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec]
     info = media.probe(face_path)
     frame_count = round(info.duration * info.fps)  # 0 when ffmpeg does not know the duration: decode twice
     keep = info.has_video and 0 < frame_count * info.width * info.height * 3 <= KEEP_FRAMES_BYTES
-    analysis = analyse(face_path, choice, progress=progress, keep_frames=keep)
+    analysis = analyse(face_path, choice, progress=progress, keep_frames=keep, info=info)
     track = analysis.track
     arrays: Dict[str, np.ndarray] = {
         "version": np.array(CACHE_VERSION), "fps": np.array(analysis.fps),

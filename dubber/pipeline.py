@@ -223,32 +223,14 @@ def _segment(info: media.MediaInfo, options: LipsyncOptions) -> Tuple[int, Optio
     return first, count
 
 
-def _analyse_part(info: media.MediaInfo, choice: FaceChoice, first: int, count: Optional[int],
-                  progress: Optional[ProgressHook]) -> Analysis:
-    """`analyse` of a part of a video: frames first .. first + count."""
-    from dubber.face.track import track_faces
-
-    expected = count or max(1, int(round(info.duration * info.fps)) - first)
-    step = progress_step(progress, "detect faces", expected)
-    reader = media.VideoReader(info, start=first, count=count)
-    track = track_faces(reader, choice.detector, choice.detect_every, choice.face_index, choice.face_box,
-                        on_frame=lambda t: step(1))
-    if reader.frames_read == 0:
-        raise DubberError(f"no video frame could be decoded from {first / info.fps:.3f} s on", info.path)
-    if not track.valid.any():
-        raise DubberError("no face found in any frame of the part asked for (--start/--duration)", info.path)
-    return Analysis(info, info.fps, track)
-
-
 def _analyse(face_path: Path, options: LipsyncOptions, progress: Optional[ProgressHook],
              info: Optional[media.MediaInfo] = None) -> Analysis:
     """`analyse` (of the part --start/--duration name) with an honest error when --face-index /
     --face-box select no face."""
     try:
         first, count = _segment(info, options) if info is not None else (0, None)
-        if first or count is not None:
-            return _analyse_part(info, options.face_choice, first, count, progress)
-        return analyse(face_path, options.face_choice, options.fps or media.DEFAULT_IMAGE_FPS, progress)
+        return analyse(face_path, options.face_choice, options.fps or media.DEFAULT_IMAGE_FPS, progress,
+                       info=info, first=first, count=count)
     except DubberError as exc:
         chosen = options.face_index or options.face_box is not None
         if chosen and exc.message.startswith("no face found") and options.face is not None:

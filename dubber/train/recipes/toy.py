@@ -3,7 +3,7 @@ lower half, with identity inputs built exactly as inference builds them (a dista
 toy_frame; the clip's first frame for toy_clip, whose windows of 16 frames carry no state across
 samples: each sample starts from a fresh state, as a run does after a gap)."""
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -23,9 +23,13 @@ class _ToyRecipe(Recipe):
 
     select_metric = "val_l1_lower"
     window = 1
+    backbone: ClassVar[type] = ToyFrame  # the model this recipe trains
 
     def crops(self) -> Sequence[CropSpec]:
-        return [self.build()["model"].crop]
+        return [self.backbone.crop]
+
+    def build(self):
+        return {"model": self.backbone()}
 
     def optimizers(self, modules):
         return {"model": torch.optim.Adam(modules["model"].parameters(), lr=self.lr)}
@@ -69,9 +73,6 @@ class ToyFrameRecipe(_ToyRecipe):
     batch_size: int = 8
     lr: float = LEARNING_RATE
 
-    def build(self):
-        return {"model": ToyFrame()}
-
     def identity_frame(self, frames, start, rng):
         candidates = np.flatnonzero(np.abs(np.arange(frames) - start) >= MIN_FRAME_GAP)
         return int(candidates[rng.integers(candidates.size)])
@@ -81,11 +82,9 @@ class ToyFrameRecipe(_ToyRecipe):
 class ToyClipRecipe(_ToyRecipe):
     model = "toy_clip"
     window = ToyClip.window
+    backbone = ToyClip
     batch_size: int = 2
     lr: float = LEARNING_RATE
-
-    def build(self):
-        return {"model": ToyClip()}
 
     def identity_frame(self, frames, start, rng):
         return 0  # conditioning CONDITION_FIRST_FACE

@@ -4,6 +4,8 @@ Image quality: PSNR, SSIM (Wang et al. 2004), CPBD sharpness (Narvekar & Karam 2
 "Lip movements generation at a glance" protocol). Mouth shape: LMD (mean-calibrated, as in Glance).
 Sync without a learned model: mouth aperture vs speech envelope correlation. Sync with the learned
 expert: LSE-D / LSE-C / AV offset from a [windows, offsets] distance matrix (dubber.eval.sync).
+The mouth itself: opening correlation with the real mouth, PSNR and Laplacian sharpness of a box
+around the real mouth, mean opening in silence.
 
 Sign convention shared by every lag/offset here: positive = the mouth moves after the sound.
 """
@@ -18,6 +20,7 @@ from dubber.face.landmarks import MOUTH
 
 # PSNR
 PSNR_MAX_UINT8 = 255.0
+PSNR_CAP_DB = 100.0  # per-frame cap when averaging: an identical frame would make the mean inf
 
 # SSIM (Wang et al. 2004)
 SSIM_WINDOW = 11  # Gaussian window side, pixels
@@ -40,6 +43,10 @@ CPBD_SOBEL_SCALE = 4.0  # MATLAB's edge(..., 'sobel'): keep gradient^2 > 4 * mea
 
 # Aperture / envelope sync
 HIGH_PASS_SECONDS = 0.5  # moving average removed before correlating: drops slow drifts (head motion, loudness)
+
+# Mouth region
+MOUTH_BOX_MARGIN = 0.25  # the lips' box grows by this fraction of its width / height on each side (lip edges, philtrum)
+LAPLACIAN_KSIZE = 1  # cv2.Laplacian aperture: 1 is the 3x3 kernel [0 1 0; 1 -4 1; 0 1 0], the finest detail
 
 
 def _as_batch(images: np.ndarray) -> np.ndarray:
@@ -347,3 +354,89 @@ def lse(distances: np.ndarray) -> dict:
         "lse_d_window": float(np.mean(window_min)),
         "lse_c_window": float(np.mean(np.nanmedian(distances, axis=1) - window_min)),
     }
+
+
+def mouth_box(mouth_points: np.ndarray, shape, margin: float = MOUTH_BOX_MARGIN) -> np.ndarray:
+    """Integer box around the lips, grown by `margin` of its width / height on each side, inside the image.
+
+    mouth_points: [K,2] or [N,K,2] (x, y) pixels, the mouth landmarks (dlib 48-67: the inner lip lies
+    within the outer, so their box is the outer lip's; [.,68,2] is sliced to them); shape: the image's
+    (H, W). Returns (x0, y0, x1, y1) int, [4] or [N,4], for image[y0:y1, x0:x1]; never empty.
+    """
+    points = np.asarray(mouth_points, dtype=np.float64)
+    single = points.ndim == 2
+    points = _mouth_points(points[None] if single else points)
+    low, high = points.min(axis=1), points.max(axis=1)  # [N,2] each
+    grow = margin * (high - low)
+    height, width = shape[:2]
+    limit = np.array([width, height])
+    low = np.clip(np.floor(low - grow), 0, limit - 1).astype(np.int64)
+    high = np.clip(np.ceil(high + grow), low + 1, limit).astype(np.int64)
+    boxes = np.concatenate([low, high], axis=1)
+    return boxes[0] if single else boxes
+
+
+def cut_box(image: np.ndarray, box) -> np.ndarray:
+    """image [H,W(,C)] inside box (x0, y0, x1, y1) int: image[y0:y1, x0:x1] (a view)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return np.asarray(image)[y0:y1, x0:x1]
+
+
+def mouth_psnr(images, real_images, boxes: np.ndarray, cap_db: float = PSNR_CAP_DB) -> float:
+    """Mean over frames of the PSNR (dB, each frame capped at cap_db) inside each frame's box.
+
+    images, real_images: [N,H,W,3] uint8 (or sequences of N such frames); boxes: [N,4] (x0, y0, x1, y1)
+    from mouth_box, one per frame and the same for both images of a frame. Identical -> cap_db.
+    """
+    if not len(boxes) == len(images) == len(real_images):
+        raise ValueError(f"{len(images)} and {len(real_images)} frames for {len(boxes)} boxes")
+    return float(np.mean([psnr(cut_box(a, box), cut_box(b, box), cap_db=cap_db)
+                          for a, b, box in zip(images, real_images, boxes)]))
+
+
+def laplacian_variance(gray: np.ndarray) -> float:
+    """Sharpness of an image: variance of its Laplacian (3x3), in grey levels^2; higher = sharper.
+
+    gray: [H,W] on the 0..255 scale (an RGB [H,W,3] image is converted to BT.601 luma). A flat image -> 0.
+    """
+    return float(np.var(cv2.Laplacian(_to_gray(gray), cv2.CV_64F, ksize=LAPLACIAN_KSIZE)))
+
+
+def mouth_sharpness(grays, boxes: np.ndarray) -> float:
+    """Mean over frames of laplacian_variance inside each frame's box: grays [N,H,W] (0..255), boxes [N,4]."""
+    if len(boxes) != len(grays):
+        raise ValueError(f"{len(grays)} frames for {len(boxes)} boxes")
+    return float(np.mean([laplacian_variance(cut_box(g, box)) for g, box in zip(grays, boxes)]))
+
+
+def mouth_opening_correlation(opening: np.ndarray, real_opening: np.ndarray) -> float:
+    """Pearson r between a system's per-frame mouth opening and the real clip's, in [-1, 1].
+
+    opening, real_opening: [N] scale-free openings (face.landmarks.mouth_aperture); frames where
+    either is NaN (no face) are left out. A real mouth that never moves (constant series, or fewer
+    than 2 frames) gives NaN: there is nothing to follow. A system mouth that never moves (a still
+    frame) while the real one does gives 0: it follows none of it. No warning either way.
+    """
+    opening = np.asarray(opening, dtype=np.float64)
+    real_opening = np.asarray(real_opening, dtype=np.float64)
+    if opening.shape != real_opening.shape or opening.ndim != 1:
+        raise ValueError(f"expected two [N] series, got {opening.shape} and {real_opening.shape}")
+    both = np.isfinite(opening) & np.isfinite(real_opening)
+    opening, real_opening = opening[both], real_opening[both]
+    # np.ptp, not the variance: the mean of equal floats can differ from them in the last bit.
+    if real_opening.size < 2 or np.ptp(real_opening) == 0:
+        return float("nan")
+    if np.ptp(opening) == 0:
+        return 0.0
+    return _pearson(opening, real_opening)
+
+
+def silence_mean(values: np.ndarray, speech: np.ndarray) -> float:
+    """Mean of values [N] over the frames without speech (speech: bool [N], audio.speech_frames);
+    NaN values (no face) are left out; NaN when no silent frame is left."""
+    values = np.asarray(values, dtype=np.float64)
+    speech = np.asarray(speech, dtype=bool)
+    if values.shape != speech.shape or values.ndim != 1:
+        raise ValueError(f"expected [N] values and speech, got {values.shape} and {speech.shape}")
+    chosen = values[~speech & np.isfinite(values)]
+    return float(chosen.mean()) if chosen.size else float("nan")

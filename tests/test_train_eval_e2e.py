@@ -8,6 +8,7 @@ val identity), so the same loaders, cache, loop and recipes run as on the real d
 
 import csv
 import json
+import math
 
 import pytest
 
@@ -118,6 +119,27 @@ def test_eval_scores_a_backbone_and_its_dub(tmp_path):
             assert row["lse_c0"] != row["lse_c0_original"]
         if row["system"] == "dck":
             assert float(row["psnr"]) < 100 and float(row["fps_model"]) > 0
+    # The mouth metrics: every system but the dub is compared with the real mouth frame by frame;
+    # a dub has no real reference in its new speech's silence.
+    by_system = {}
+    for row in rows:
+        by_system.setdefault(row["system"], []).append(row)
+        compared = not row["system"].endswith(":dub")
+        columns = ["mouth_sharpness", "mouth_sharpness_ratio", "silence_opening"]
+        columns += ["mouth_corr", "mouth_psnr", "silence_opening_real"] if compared else []
+        for column in columns:
+            assert math.isfinite(float(row[column])), (row["system"], column, row[column])
+        if not compared:
+            assert row["mouth_corr"] == row["mouth_psnr"] == row["silence_opening_real"] == ""
+    for truth in by_system["ground_truth"]:
+        assert float(truth["mouth_corr"]) == pytest.approx(1.0) and float(truth["mouth_sharpness_ratio"]) == 1.0
+        assert float(truth["mouth_psnr"]) == 100 and truth["silence_opening"] == truth["silence_opening_real"]
+    for still in by_system["static_frame"]:
+        assert float(still["mouth_corr"]) == 0.0  # a mouth that never moves follows none of the real one
+    summary = json.loads((out_dir / "summary.json").read_text())["systems"]
+    assert summary["ground_truth"]["mouth_corr"] == pytest.approx(1.0)
+    assert summary["ground_truth"]["mouth_sharpness_ratio"] == 1.0 and summary["dck"]["mouth_psnr"] < 100
+    assert sorted(p.name for p in (out_dir / "sheets" / "mouths").glob("*.png")) == ["clips_clip0.png", "clips_clip1.png"]
 
 
 def test_eval_without_sync_expert_weights_says_so(tmp_path, monkeypatch):

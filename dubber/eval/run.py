@@ -13,6 +13,7 @@ For every clip the real video is the target. Each system produces a video of the
 Every system's frames are aligned with the same RSA alignment as the pipeline (landmarks found
 in the system's own frames, at the real face's box) and compared frame by frame with the real
 ones. Metrics are defined in dubber.eval.metrics and dubber.eval.sync (with the expert of dubber.backbones.syncnet).
+The mouth metrics cut every system's aligned crop at the same box, the real mouth's in that frame.
 """
 
 import csv
@@ -34,14 +35,20 @@ from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.landmarks import mouth_aperture, predict_landmarks
 from dubber.face.track import track_faces
 
-METRIC_CROP = CropSpec(CROP_FACE, 128)  # PSNR / SSIM / CPBD / LMD are measured on these aligned crops
+METRIC_CROP = CropSpec(CROP_FACE, 128)  # PSNR / SSIM / CPBD / LMD and the mouth metrics are taken on these crops
 SHIFT_SECONDS = 0.5
 SHEET_FRAMES = 6  # frames per row of a contact sheet
+MOUTH_SHEETS = "mouths"  # sheets/<this>/<clip>.png: the zoomed mouth sheets (a folder: sheets/*.png stay as they were)
+MOUTH_SHEET_ZOOM = 4  # mouth boxes enlarged this many times, nearest neighbour: pixels (and blur) as they are
+MOUTH_SHEET_GAP = 2  # pixels between tiles
+MOUTH_SHEET_LABEL = 16  # pixels of black above each tile for its label (white text on lips is unreadable)
 DATASETS = ("grid", "lrw", "folder")
 BASELINES = ("ground_truth", "static_frame", "shifted_audio")
 COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "lse_d0", "lse_c0", "sync_offset",
            "offset_accuracy", "offset_accuracy_speech", "av_corr", "av_best_corr", "av_best_lag",
-           "lse_c0_original", "av_corr_original", "fps_model", "fps_end_to_end")
+           "lse_c0_original", "av_corr_original", "fps_model", "fps_end_to_end",
+           "mouth_corr", "mouth_psnr", "mouth_sharpness", "mouth_sharpness_ratio", "silence_opening",
+           "silence_opening_real")
 TABLE_NOTE = ("lse_d / lse_c: Wav2Lip's, at the best audio offset within +-15 frames, so a shift inside that "
               "range is found and forgiven (it shows in sync_offset); lse_d0 / lse_c0: at the delivered alignment.")
 
@@ -228,6 +235,13 @@ class Evaluator:
         real_lm = track.landmarks
         real_m = crop_transforms(real_lm, METRIC_CROP)
         real_crops = [warp_crop(f, m, METRIC_CROP.size) if ok else None for f, m, ok in zip(real, real_m, valid)]
+        idx = np.flatnonzero(valid)
+        real_points = np.stack([transform_points(real_lm[i], real_m[i]) for i in idx])  # in the real crops
+        # One mouth box per frame, the real mouth's, for every system: they are judged on the same pixels.
+        mouth_boxes = np.zeros((n, 4), np.int64)
+        mouth_boxes[idx] = metrics.mouth_box(real_points, real_crops[idx[0]].shape)
+        real_opening = mouth_aperture(np.where(valid[:, None, None], real_lm, np.nan))  # NaN without a face
+        real_sharpness = metrics.mouth_sharpness([_gray(real_crops[i]) for i in idx], mouth_boxes[idx])
         rows, sheet, curves = [], [], {}
         for name, video in videos.items():
             row: Dict[str, object] = {"clip": clip.name, "system": name, "frames": n}
@@ -236,14 +250,24 @@ class Evaluator:
             lm = np.where(valid[:, None, None], lm, np.nan)
             m = crop_transforms(lm, METRIC_CROP)
             crops = [warp_crop(f, t, METRIC_CROP.size) if ok else None for f, t, ok in zip(video.frames, m, valid)]
-            idx = np.flatnonzero(valid)
-            if not name.endswith(":dub"):
-                row["psnr"] = float(np.mean([min(metrics.psnr(crops[i], real_crops[i]), 100.0) for i in idx]))
+            opening = mouth_aperture(lm)
+            if not name.endswith(":dub"):  # a dub speaks other words: its frames are not the real ones
+                row["psnr"] = float(np.mean([metrics.psnr(crops[i], real_crops[i], cap_db=metrics.PSNR_CAP_DB)
+                                             for i in idx]))
                 row["ssim"] = float(np.mean([metrics.ssim(crops[i], real_crops[i]) for i in idx]))
                 row["lmd"] = metrics.mouth_landmark_distance(
-                    np.stack([transform_points(lm[i], m[i]) for i in idx]),
-                    np.stack([transform_points(real_lm[i], real_m[i]) for i in idx]))
+                    np.stack([transform_points(lm[i], m[i]) for i in idx]), real_points)
+                row["mouth_corr"] = metrics.mouth_opening_correlation(opening, real_opening)
+                row["mouth_psnr"] = metrics.mouth_psnr([crops[i] for i in idx], [real_crops[i] for i in idx],
+                                                       mouth_boxes[idx])
             row["cpbd"] = float(np.mean([metrics.cpbd(_gray(crops[i])) for i in idx[::3]]))
+            row["mouth_sharpness"] = metrics.mouth_sharpness([_gray(crops[i]) for i in idx], mouth_boxes[idx])
+            row["mouth_sharpness_ratio"] = row["mouth_sharpness"] / real_sharpness if real_sharpness > 0 else math.nan
+            # Silence of the speech that drives this system (a dub's: the new speech).
+            speech = audio.speech_frames(video.speech.envelope)
+            row["silence_opening"] = metrics.silence_mean(opening, speech)
+            if video.original_speech is None:  # in a dub's pauses the real mouth speaks its own words: no reference
+                row["silence_opening_real"] = metrics.silence_mean(real_opening, speech)
             curve: list = []
             row.update(self._sync(video.frames, lm, video.speech, fps, valid, curve))
             if name != "static_frame":
@@ -259,6 +283,7 @@ class Evaluator:
             sheet.append((name, crops))
         if sheet_dir is not None:
             _contact_sheet(sheet_dir / f"{clip.name}.png", sheet, valid)
+            _mouth_sheet(sheet_dir / MOUTH_SHEETS / f"{clip.name}.png", sheet, mouth_boxes, valid)
             _sync_plot(sheet_dir / f"{clip.name}_sync.png", curves)
         return rows
 
@@ -287,12 +312,17 @@ def _label(image: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
+def _sheet_frames(valid: np.ndarray) -> np.ndarray:
+    """SHEET_FRAMES frame indices spread evenly over the frames with a face: valid bool [n] -> int [SHEET_FRAMES]."""
+    idx = np.flatnonzero(valid)
+    return idx[np.linspace(0, len(idx) - 1, SHEET_FRAMES).round().astype(int)]
+
+
 def _contact_sheet(path: Path, rows, valid) -> None:
     """Rows: systems; columns: SHEET_FRAMES aligned face crops, then the same frames' mouths enlarged."""
     import cv2
 
-    idx = np.flatnonzero(valid)
-    picks = idx[np.linspace(0, len(idx) - 1, SHEET_FRAMES).round().astype(int)]
+    picks = _sheet_frames(valid)
     size = METRIC_CROP.size
     lines = []
     for name, crops in rows:
@@ -301,6 +331,32 @@ def _contact_sheet(path: Path, rows, valid) -> None:
         faces[0] = _label(faces[0], name)
         lines.append(np.hstack(faces))
         lines.append(np.hstack(mouths))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    media.write_image(path, np.vstack(lines))
+
+
+def _mouth_sheet(path: Path, rows, boxes: np.ndarray, valid: np.ndarray) -> None:
+    """Rows: SHEET_FRAMES frames; columns: the real mouth, each generated one (and its dub), the
+    still frame's, each cut from its aligned crop at that frame's real mouth box (boxes [n,4]) and
+    zoomed MOUTH_SHEET_ZOOM times. The shifted-audio system shows the real frames again, so it is left out."""
+    import cv2
+
+    shown = ([r for r in rows if r[0] == "ground_truth"] + [r for r in rows if r[0] not in BASELINES]
+             + [r for r in rows if r[0] == "static_frame"])
+    picks = _sheet_frames(valid)
+    sizes = boxes[picks, 2:] - boxes[picks, :2]  # [SHEET_FRAMES, 2] (width, height)
+    width, height = sizes.max(axis=0) * MOUTH_SHEET_ZOOM + MOUTH_SHEET_GAP
+    height += MOUTH_SHEET_LABEL
+    lines = []
+    for t in picks:
+        tiles = []
+        for name, crops in shown:
+            mouth = cv2.resize(metrics.cut_box(crops[t], boxes[t]), None, fx=MOUTH_SHEET_ZOOM, fy=MOUTH_SHEET_ZOOM,
+                               interpolation=cv2.INTER_NEAREST)
+            tile = np.zeros((height, width, 3), np.uint8)  # boxes differ in size between frames: pad, never rescale
+            tile[MOUTH_SHEET_LABEL:MOUTH_SHEET_LABEL + mouth.shape[0], :mouth.shape[1]] = mouth
+            tiles.append(_label(tile, f"{name} f{t}"))
+        lines.append(np.hstack(tiles))
     path.parent.mkdir(parents=True, exist_ok=True)
     media.write_image(path, np.vstack(lines))
 
@@ -365,6 +421,9 @@ def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = ()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(backbones, mode, sync_expert, device, dub, log)
+    if sheets:  # an earlier run's mouth sheets, so none of a clip this run does not score stays
+        for stale in (out_dir / "sheets" / MOUTH_SHEETS).glob("*.png"):
+            stale.unlink()
     rows: List[Dict[str, object]] = []
     failures = []
     started = time.perf_counter()

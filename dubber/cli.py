@@ -327,6 +327,7 @@ def train(
     out: Optional[Path] = typer.Option(None, help="Model file to write, .pt (default: runs/<name>-<date>/<name>.pt)."),
     force: bool = typer.Option(False, help="Allow --out to name a shipped file in weights/."),
     steps: int = typer.Option(20000, help="Total optimiser steps (a resumed run continues to this count)."),
+    minutes: Optional[float] = typer.Option(None, help="Stop after this much training time (resumable; rerun to go on)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default: the recipe's)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     grid_every: int = typer.Option(3, help="Use every n-th GRID training sentence."),
@@ -351,6 +352,8 @@ def train(
                  patience, log_every, checkpoint_every, workers)
     if offsets is not None:
         check.existing_file("--offsets", offsets)
+    if minutes is not None:
+        check.number("--minutes", minutes, above=0)
     hyperparameters = {}
     for text in set_:
         key, equals, value = text.partition("=")
@@ -367,7 +370,8 @@ def train(
     with _progress(quiet) as hook:
         written = train_from_corpus(backbone, data, cache, out, steps, batch_size, device, grid_every, resume,
                                     sync_expert, val_every, patience, log_every, checkpoint_every, workers,
-                                    hyperparameters=hyperparameters, offsets=offsets, log=log, progress=hook)
+                                    hyperparameters=hyperparameters, offsets=offsets, log=log, progress=hook,
+                                    max_seconds=minutes * 60 if minutes else None)
     typer.echo(str(written))
 
 

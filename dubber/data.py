@@ -7,7 +7,8 @@ dicts for the trainers, one per run of consecutive frames where the face was fou
 
     {"name", "identity", "fps",
      "crops": {crop key: uint8 RGB [T, S, S, 3]}, "transforms": {crop key: float32 [T, 2, 3]},
-     "landmarks": float32 [T, 68, 2], "mels": float32 [T, 80, W], "speech": bool [T]}
+     "landmarks": float32 [T, 68, 2], "mels": float32 [T, 80, W], "speech": bool [T],
+     "times": float64 [T] (seconds into the audio each frame's mel window is centred on)}
 
 Audio (mel windows, speech) is taken at the frame times shifted by the item's lag, so mouth and
 sound line up. Nothing here imports torch: the cache workers import this module.
@@ -282,7 +283,8 @@ def load_clips(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec]
                 "name": f"{Path(item['path']).stem}#{k}", "identity": item["identity"], "fps": fps,
                 "crops": {s.key: cache[f"crops_{s.key}"][a:b] for s in specs},
                 "transforms": {s.key: cache[f"transform_{s.key}"][a:b] for s in specs},
-                "landmarks": cache["landmarks"][a:b], "mels": mels[a:b], "speech": speech[a:b]})
+                "landmarks": cache["landmarks"][a:b], "mels": mels[a:b], "speech": speech[a:b],
+                "times": times[a:b]})
     if not clips:
         raise DubberError("no usable clips (is the cache built? does the data have speech?)", cache_dir)
     return clips

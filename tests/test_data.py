@@ -140,6 +140,26 @@ def test_load_clips_runs_lag_and_speech(talking, face_video_silent, tmp_path):
         data.load_clips(items, tmp_path, [BOX64], min_run=30)
 
 
+
+def test_a_pack_gives_back_the_clips_it_was_written_from(talking, tmp_path):
+    from dubber.train.pack import read_pack, write_pack
+
+    items = [_item(talking), _item(talking, lag=3)]
+    data.build_cache(items, tmp_path / "cache", [FACE96, BOX64], workers=1)
+    clips = data.load_clips(items, tmp_path / "cache", [BOX64, FACE96])
+    assert np.allclose(np.diff(clips[0]["times"]), 1 / 25)
+    write_pack(clips, [BOX64, FACE96], tmp_path / "pack", crop_keys=["box64"])
+    packed = read_pack(tmp_path / "pack")
+    assert [c["name"] for c in packed] == [c["name"] for c in clips]
+    for clip, back in zip(clips, packed):
+        assert back["crops"].keys() == {"box64"} and back["crops"]["box64"].shape == clip["crops"]["box64"].shape
+        assert np.abs(back["crops"]["box64"].astype(int) - clip["crops"]["box64"]).mean() < 3  # H.264, near-transparent
+        np.testing.assert_allclose(back["mels"], clip["mels"], atol=4 / 255 + 1e-6)  # uint8 over [-4, 4]
+        for key in ("box64", "face96"):
+            np.testing.assert_array_equal(back["transforms"][key], clip["transforms"][key])
+        assert back["speech"].tolist() == clip["speech"].tolist() and back["identity"] == clip["identity"]
+
+
 # ---------------------------------------------------------------------------------------------
 # tracking
 

@@ -286,6 +286,17 @@ def test_expert_mouths_follow_the_affine():
         assert mouths[0, 1, i, j].item() == pytest.approx(y, abs=1e-3)
 
 
+def test_a_time_budget_stops_training_and_a_rerun_goes_on(tmp_path):
+    clips = [synthetic_clip("a", 12, 32, 0)]
+    recipe = recipe_for("dck", batch_size=4, size=32)
+    kwargs = dict(log_every=100, log=lambda message: None)
+    train(recipe, clips, tmp_path / "dck.pt", steps=1000, max_seconds=0.0, **kwargs)  # stops after one step
+    assert torch.load(tmp_path / "dck.train.pt", weights_only=True)["step"] == 1
+    assert load_backbone("dck", tmp_path / "dck.pt").meta["steps"] == 1
+    train(recipe, clips, tmp_path / "dck.pt", steps=3, **kwargs)
+    assert torch.load(tmp_path / "dck.train.pt", weights_only=True)["step"] == 3
+
+
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
     """Optimiser state, discriminator and the per-step sampling stream all survive a restart."""
     clips = [synthetic_clip("a", 12, 32, 0)]

@@ -17,12 +17,13 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
                       resume: bool = True, sync_expert: Optional[Path] = None, val_every: int = 0,
                       patience: int = 0, log_every: int = 50, checkpoint_every: int = 500, workers: int = 2,
                       hyperparameters: Optional[Dict[str, object]] = None, seed: int = 0,
-                      offsets: Optional[Path] = None, log: Callable[[str], None] = print, progress=None) -> Path:
+                      offsets: Optional[Path] = None, log: Callable[[str], None] = print, progress=None,
+                      max_seconds: Optional[float] = None) -> Path:
     """Train registered model `name` on the train split of `data_root`; returns the written file.
 
     grid_every: use every n-th GRID training sentence (GRID is one speaker and identity sampling
     draws it rarely). offsets: a table of measured audio-visual lags (dubber.train.offsets).
-    Validation (val_every > 0) uses VAL_CLIPS clips of the selection half of the val identities
+    max_seconds: a training-time budget (dubber.train.loop.train). Validation (val_every > 0) uses VAL_CLIPS clips of the selection half of the val identities
     ("val_select"); the test half is never looked at here.
     """
     import torch
@@ -63,7 +64,7 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
             "validation_clips": [c["name"] for c in val_clips]}
     train(recipe, clips, out_path, steps, val_clips=val_clips, device=device, seed=seed, resume=resume,
           log_every=log_every, checkpoint_every=checkpoint_every, val_every=val_every, patience=patience,
-          data_meta=meta, log=log, progress=progress)
+          data_meta=meta, log=log, progress=progress, max_seconds=max_seconds)
     return Path(out_path)
 
 

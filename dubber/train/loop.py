@@ -62,13 +62,15 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
           checkpoint_path: Optional[Union[str, Path]] = None, resume: bool = True, log_every: int = LOG_EVERY,
           checkpoint_every: int = CHECKPOINT_EVERY, val_every: int = 0, patience: int = 0,
           data_meta: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
-          progress: Optional[ProgressHook] = None) -> List[Dict[str, float]]:
+          progress: Optional[ProgressHook] = None, max_seconds: Optional[float] = None) -> List[Dict[str, float]]:
     """Train `recipe.model` for `steps` optimiser steps in total; write the shipped file to out_path.
 
     With `resume`, an existing training checkpoint (default: checkpoint_path_for(out_path)) is
     continued, so calling again with a larger `steps` trains further. With val_clips and val_every,
     the model is validated every val_every steps and the shipped file is the step with the best
     recipe.select_metric; patience > 0 stops after that many validations without improvement.
+    max_seconds stops after the step that reaches that much training time in this call (a time
+    budget, e.g. a borrowed GPU's minutes); the state is saved, so a later call continues.
     Returns the logged history (mean losses per log_every steps, and the validations).
     """
     device = torch.device(device)
@@ -134,6 +136,10 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
                     save()
                 if stopped_early:
                     log(f"early stop at step {step}: {recipe.select_metric} has not improved for {patience} validations")
+                    break
+                if max_seconds is not None and time.perf_counter() - started >= max_seconds and step < steps:
+                    save()
+                    log(f"time budget of {_duration(max_seconds)} reached at step {step}")
                     break
     except KeyboardInterrupt:
         save()

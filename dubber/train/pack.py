@@ -1,0 +1,116 @@
+"""A portable training set: the clips dubber.data.load_clips gives, small enough to carry to a
+borrowed GPU machine (tens of MB instead of the cache's GB) and read there without the analysis
+dependencies (no dlib, librosa or ffmpeg binary: OpenCV decodes the video).
+
+Layout of a pack folder:
+  crops_<key>.mp4   every clip's crops of one CropSpec, clip after clip, H.264 4:4:4 at PACK_CRF
+  clips.npz         per clip: name, identity, fps, length; per frame: the crop transforms, the
+                    speech flags and an offset into the clip's mel segment; per clip a log-mel
+                    segment [N_MELS, columns] quantised to uint8 over audio.MEL_RANGE
+A pack holds no landmarks: it is for training steps, not for validation (which refits landmarks).
+"""
+
+import subprocess
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+
+from dubber import audio
+from dubber.errors import DubberError
+from dubber.face.crops import CropSpec
+
+PACK_CRF = 16  # x264 quality of the crop videos: near-transparent for training, ~1 kB a 128 px frame
+MEL_LOW, MEL_HIGH = -4.0, 4.0  # the range audio.log_mel normalises to; quantised in 255 steps
+
+
+def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, crop_keys: Sequence[str] = ()) -> None:
+    """Write clips (load_clips dicts holding `specs`, with their audio times) to `folder`. crop_keys: the specs whose crops
+    are stored (default all); the transforms of every spec are stored."""
+    from dubber.media import ffmpeg_exe
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [s.key for s in specs]
+    crop_keys = list(crop_keys) or keys
+    for key in crop_keys:
+        size = clips[0]["crops"][key].shape[1]
+        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo",
+               "-pix_fmt", "rgb24", "-s", f"{size}x{size}", "-framerate", "25", "-i", "-",
+               "-c:v", "libx264", "-preset", "slow", "-crf", str(PACK_CRF), "-pix_fmt", "yuv444p",
+               str(folder / f"crops_{key.replace(':', '_')}.mp4")]
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE) as proc:
+            for clip in clips:
+                proc.stdin.write(np.ascontiguousarray(clip["crops"][key]).tobytes())
+            proc.stdin.close()
+            if proc.wait() != 0:
+                raise DubberError("encoding the pack's crops failed", folder)
+    segments, offsets = [], []
+    for clip in clips:
+        segment, offset = _mel_segment(clip["mels"], clip["times"])
+        segments.append(_quantise(segment))
+        offsets.append(offset)
+    np.savez_compressed(folder / "clips.npz", names=np.array([c["name"] for c in clips]),
+             identities=np.array([c["identity"] for c in clips]), fps=np.array([c["fps"] for c in clips]),
+             lengths=np.array([len(c["mels"]) for c in clips]), keys=np.array(keys), crop_keys=np.array(crop_keys),
+             mel_width=clips[0]["mels"].shape[-1], mel_offsets=np.concatenate(offsets).astype(np.int32),
+             mel_columns=np.array([s.shape[1] for s in segments]), mels=np.concatenate(segments, axis=1),
+             speech=np.concatenate([c["speech"] for c in clips]),
+             **{f"transform_{k}": np.concatenate([c["transforms"][k] for c in clips]).astype(np.float32) for k in keys})
+
+
+def read_pack(folder: Path) -> List[dict]:
+    """Pack folder -> clip dicts as load_clips gives (crops, transforms, mels, speech, name,
+    identity, fps), without landmarks. Mels come back dequantised (float32)."""
+    import cv2
+
+    folder = Path(folder)
+    meta = np.load(folder / "clips.npz")
+    lengths = meta["lengths"]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    crops = {}
+    for key in meta["crop_keys"]:
+        capture = cv2.VideoCapture(str(folder / f"crops_{str(key).replace(':', '_')}.mp4"))
+        frames = []
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            frames.append(frame[:, :, ::-1])
+        if len(frames) != bounds[-1]:
+            raise DubberError(f"the pack's {key} video holds {len(frames)} frames, not {bounds[-1]}", folder)
+        crops[str(key)] = np.stack(frames)
+    width = int(meta["mel_width"])
+    mels = _dequantise(meta["mels"])
+    columns = np.concatenate([[0], np.cumsum(meta["mel_columns"])])
+    clips = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        segment = mels[:, columns[i]:columns[i + 1]]
+        index = meta["mel_offsets"][a:b, None] + np.arange(width)[None, :]
+        clips.append({
+            "name": str(meta["names"][i]), "identity": str(meta["identities"][i]), "fps": float(meta["fps"][i]),
+            "crops": {k: v[a:b] for k, v in crops.items()},
+            "transforms": {str(k): meta[f"transform_{k}"][a:b] for k in meta["keys"]},
+            "mels": np.ascontiguousarray(segment[:, index].transpose(1, 0, 2)), "speech": meta["speech"][a:b]})
+    return clips
+
+
+def _mel_segment(windows: np.ndarray, times_s: np.ndarray):
+    """Windows [N, N_MELS, W] cut by audio.mel_windows at times_s [N] -> (the columns they span
+    [N_MELS, C], each window's first column in it [N]): consecutive windows overlap, so the
+    segment is a fraction of their size."""
+    width = windows.shape[-1]
+    starts = np.round(np.asarray(times_s, np.float64) * audio.MEL_FPS).astype(np.int64) - width // 2
+    offsets = starts - starts.min()
+    segment = np.full((windows.shape[1], offsets.max() + width), MEL_LOW, np.float32)
+    for window, start in zip(windows, offsets):
+        segment[:, start:start + width] = window
+    return segment, offsets
+
+
+def _quantise(mel: np.ndarray) -> np.ndarray:
+    return np.round((np.clip(mel, MEL_LOW, MEL_HIGH) - MEL_LOW) * (255 / (MEL_HIGH - MEL_LOW))).astype(np.uint8)
+
+
+def _dequantise(mel: np.ndarray) -> np.ndarray:
+    return (mel.astype(np.float32) * ((MEL_HIGH - MEL_LOW) / 255) + MEL_LOW).astype(np.float32)

@@ -158,6 +158,15 @@ def test_a_pack_gives_back_the_clips_it_was_written_from(talking, tmp_path):
         for key in ("box64", "face96"):
             np.testing.assert_array_equal(back["transforms"][key], clip["transforms"][key])
         assert back["speech"].tolist() == clip["speech"].tolist() and back["identity"] == clip["identity"]
+    # and trains: `dubber train --pack` (a pack has no landmarks, so no validation)
+    from dubber.backbones import load_backbone
+    from dubber.train import train_from_corpus
+
+    out = train_from_corpus("dck", tmp_path / "no-corpus", tmp_path / "no-cache", tmp_path / "dck.pt", steps=2,
+                            pack=tmp_path / "pack", hyperparameters={"size": 64, "batch_size": 2},
+                            log=lambda message: None)
+    meta = load_backbone("dck", out).meta
+    assert meta["steps"] == 2 and meta["data"]["clips"] == len(clips) and meta["data"]["pack"].startswith("pack")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class Evaluator:
     def _sync(self, frames, landmarks, speech: Speech, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
         result: Dict[str, float] = {}
         loudness, mels = speech.envelope, speech.mels
-        aperture = mouth_aperture(np.nan_to_num(landmarks))[valid]
+        aperture = mouth_aperture(landmarks[valid])
         env = loudness[valid]
         corr = metrics.aperture_envelope_sync(aperture, env, fps)
         result.update(av_corr=corr.corr_at_zero, av_best_corr=corr.best_corr, av_best_lag=corr.best_lag)
@@ -189,8 +189,12 @@ class Evaluator:
             from dubber.backbones.syncnet import FACE_CROP, mouths_from_faces
             from dubber.eval.sync import sync_scores
 
-            transforms = crop_transforms(np.nan_to_num(landmarks), FACE_CROP)
-            faces = np.stack([warp_crop(f, m, FACE_CROP.size)[..., ::-1] for f, m in zip(frames, transforms)])
+            # Faceless frames (NaN landmarks) stay out of the fit and its smoothing; their crops are
+            # black, and the scores only count windows over frames with a face (speech & valid).
+            transforms = crop_transforms(np.where(valid[:, None, None], landmarks, np.nan), FACE_CROP)
+            blank = np.zeros((FACE_CROP.size, FACE_CROP.size, 3), np.uint8)
+            faces = np.stack([warp_crop(f, m, FACE_CROP.size)[..., ::-1] if ok else blank
+                              for f, m, ok in zip(frames, transforms, valid)])
             mouths = mouths_from_faces(faces)
             speech = audio.speech_frames(loudness)
             scores = sync_scores(self.sync_expert, mouths, mels, speech=speech & valid)

@@ -18,31 +18,29 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
                       patience: int = 0, log_every: int = 50, checkpoint_every: int = 500, workers: int = 2,
                       hyperparameters: Optional[Dict[str, object]] = None, seed: int = 0,
                       offsets: Optional[Path] = None, log: Callable[[str], None] = print, progress=None,
-                      max_seconds: Optional[float] = None) -> Path:
+                      max_seconds: Optional[float] = None, pack: Optional[Path] = None) -> Path:
     """Train registered model `name` on the train split of `data_root`; returns the written file.
 
     grid_every: use every n-th GRID training sentence (GRID is one speaker and identity sampling
     draws it rarely). offsets: a table of measured audio-visual lags (dubber.train.offsets).
-    max_seconds: a training-time budget (dubber.train.loop.train). Validation (val_every > 0) uses VAL_CLIPS clips of the selection half of the val identities
-    ("val_select"); the test half is never looked at here.
+    Validation (val_every > 0) uses VAL_CLIPS clips of the selection half of the val identities
+    ("val_select"); the test half is never looked at here. max_seconds: a training-time budget
+    (dubber.train.loop.train). pack: train on a pack (dubber.train.pack, written from this corpus,
+    e.g. to carry to a GPU machine) instead of data_root and the cache; a pack holds no
+    landmarks, so there is no validation.
     """
-    import torch
-
     from dubber import data
     from dubber.train.loop import train
     from dubber.train.recipes import recipe_for
 
     data_root = Path(data_root)
+    if pack is not None:
+        return _train_from_pack(name, Path(pack), out_path, steps, device, resume, log_every, checkpoint_every,
+                                overrides_of(batch_size, sync_expert, hyperparameters), seed, log, progress, max_seconds)
     if not data_root.is_dir():
         raise DubberError("training data folder not found", data_root)
-    overrides = dict(hyperparameters or {})
-    if batch_size:
-        overrides["batch_size"] = batch_size
-    if sync_expert is not None:
-        overrides["sync_expert"] = str(sync_expert)
-    recipe = recipe_for(name, **overrides)
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+    recipe = recipe_for(name, **overrides_of(batch_size, sync_expert, hyperparameters))
+    device = _device(device)
 
     table = None
     if offsets is not None:
@@ -65,6 +63,41 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     train(recipe, clips, out_path, steps, val_clips=val_clips, device=device, seed=seed, resume=resume,
           log_every=log_every, checkpoint_every=checkpoint_every, val_every=val_every, patience=patience,
           data_meta=meta, log=log, progress=progress, max_seconds=max_seconds)
+    return Path(out_path)
+
+
+def overrides_of(batch_size: Optional[int], sync_expert: Optional[Path], hyperparameters) -> Dict[str, object]:
+    """The recipe hyperparameters the caller sets (the shorthands folded into --set's)."""
+    overrides = dict(hyperparameters or {})
+    if batch_size:
+        overrides["batch_size"] = batch_size
+    if sync_expert is not None:
+        overrides["sync_expert"] = str(sync_expert)
+    return overrides
+
+
+def _device(name: str):
+    import torch
+
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def _train_from_pack(name, pack: Path, out_path, steps, device, resume, log_every, checkpoint_every, overrides,
+                     seed, log, progress, max_seconds) -> Path:
+    from dubber.train.loop import train
+    from dubber.train.pack import PACK_CRF, pack_source, read_pack
+    from dubber.train.recipes import recipe_for
+
+    if not (pack / "clips.npz").is_file():
+        raise DubberError("not a training pack (no clips.npz; python -m dubber.train.pack writes one)", pack)
+    recipe = recipe_for(name, **overrides)
+    clips = read_pack(pack)
+    log(f"{len(clips)} clips, {sum(len(c['mels']) for c in clips)} frames, "
+        f"{len({c['identity'] for c in clips})} identities from the pack {pack}")
+    meta = {"source": pack_source(pack), "pack": f"{pack.name} (dubber.train.pack: crops as H.264 4:4:4 "
+                                                 f"CRF {PACK_CRF}, mels as uint8)"}
+    train(recipe, clips, out_path, steps, device=_device(device), seed=seed, resume=resume, log_every=log_every,
+          checkpoint_every=checkpoint_every, data_meta=meta, log=log, progress=progress, max_seconds=max_seconds)
     return Path(out_path)
 
 

@@ -8,6 +8,10 @@ Layout of a pack folder:
                     speech flags and an offset into the clip's mel segment; per clip a log-mel
                     segment [N_MELS, columns] quantised to uint8 over audio.MEL_RANGE
 A pack holds no landmarks: it is for training steps, not for validation (which refits landmarks).
+
+    python -m dubber.train.pack --data ../shared/data --cache CACHE --offsets weights/offsets.csv \
+        --crop box:128 --crop face:96 --images box:128 --grid-every 10 -o PACK
+    dubber train --backbone dck --pack PACK --device cuda --minutes 7 --set init=weights/dck.pt
 """
 
 import subprocess
@@ -24,9 +28,11 @@ PACK_CRF = 16  # x264 quality of the crop videos: near-transparent for training,
 MEL_LOW, MEL_HIGH = -4.0, 4.0  # the range audio.log_mel normalises to; quantised in 255 steps
 
 
-def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, crop_keys: Sequence[str] = ()) -> None:
-    """Write clips (load_clips dicts holding `specs`, with their audio times) to `folder`. crop_keys: the specs whose crops
-    are stored (default all); the transforms of every spec are stored."""
+def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, crop_keys: Sequence[str] = (),
+               source: str = "") -> None:
+    """Write clips (load_clips dicts holding `specs`, with their audio times) to `folder`. crop_keys:
+    the specs whose crops are stored (default all); the transforms of every spec are stored.
+    source: where the clips came from, for the meta of what is trained on the pack."""
     from dubber.media import ffmpeg_exe
 
     folder = Path(folder)
@@ -50,7 +56,7 @@ def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, c
         segment, offset = _mel_segment(clip["mels"], clip["times"])
         segments.append(_quantise(segment))
         offsets.append(offset)
-    np.savez_compressed(folder / "clips.npz", names=np.array([c["name"] for c in clips]),
+    np.savez_compressed(folder / "clips.npz", source=np.array(source), names=np.array([c["name"] for c in clips]),
              identities=np.array([c["identity"] for c in clips]), fps=np.array([c["fps"] for c in clips]),
              lengths=np.array([len(c["mels"]) for c in clips]), keys=np.array(keys), crop_keys=np.array(crop_keys),
              mel_width=clips[0]["mels"].shape[-1], mel_offsets=np.concatenate(offsets).astype(np.int32),
@@ -95,6 +101,11 @@ def read_pack(folder: Path) -> List[dict]:
     return clips
 
 
+def pack_source(folder: Path) -> str:
+    """What write_pack was told the clips came from."""
+    return str(np.load(Path(folder) / "clips.npz")["source"])
+
+
 def _mel_segment(windows: np.ndarray, times_s: np.ndarray):
     """Windows [N, N_MELS, W] cut by audio.mel_windows at times_s [N] -> (the columns they span
     [N_MELS, C], each window's first column in it [N]): consecutive windows overlap, so the
@@ -114,3 +125,28 @@ def _quantise(mel: np.ndarray) -> np.ndarray:
 
 def _dequantise(mel: np.ndarray) -> np.ndarray:
     return (mel.astype(np.float32) * ((MEL_HIGH - MEL_LOW) / 255) + MEL_LOW).astype(np.float32)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from dubber import data
+    from dubber.train.offsets import read_table
+
+    parser = argparse.ArgumentParser(description="Write the train split's clips as a portable training pack.")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--cache", type=Path, default=Path("cache"), help="a built cache (dubber.data.build_cache)")
+    parser.add_argument("--offsets", type=Path, default=None, help="measured lags (weights/offsets.csv)")
+    parser.add_argument("--crop", action="append", required=True, help="a crop whose transforms go in (repeatable)")
+    parser.add_argument("--images", action="append", default=[], help="a crop whose images go in (default: all)")
+    parser.add_argument("--grid-every", type=int, default=3)
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    args = parser.parse_args()
+    table = read_table(args.offsets) if args.offsets else None
+    specs = [CropSpec.parse(text) for text in args.crop]
+    clips = data.load_clips(data.corpus(args.data, "train", args.grid_every, table), args.cache, specs)
+    source = (f"{args.data} train split: GRID s1 every {args.grid_every}th training sentence + manifest_wild.csv "
+              f"train clips with speech and a known lag (offsets: {args.offsets or 'the manifest'})")
+    write_pack(clips, specs, args.out, [CropSpec.parse(text).key for text in args.images], source)
+    print(f"{args.out}: {len(clips)} clips, {sum(len(c['mels']) for c in clips)} frames, "
+          f"{len({c['identity'] for c in clips})} identities")

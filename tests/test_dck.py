@@ -286,6 +286,20 @@ def test_expert_mouths_follow_the_affine():
         assert mouths[0, 1, i, j].item() == pytest.approx(y, abs=1e-3)
 
 
+@pytest.mark.parametrize("name, kwargs", [("dck", {"size": 32}), ("syncnet", {"base_channels": 8})])
+def test_init_starts_from_a_model_file_built_alike(tmp_path, name, kwargs):
+    trained = recipe_for(name, **kwargs).build()["model"]
+    with torch.no_grad():
+        for value in trained.parameters():
+            value.uniform_()
+    save_model(trained, tmp_path / "start.pt")
+    started = recipe_for(name, init=str(tmp_path / "start.pt"), **kwargs).build()["model"]
+    assert all(torch.equal(a, b) for a, b in zip(started.state_dict().values(), trained.state_dict().values()))
+    other = {k: v * 2 for k, v in kwargs.items()}
+    with pytest.raises(DubberError, match="built with"):
+        recipe_for(name, init=str(tmp_path / "start.pt"), **other).build()
+
+
 def test_a_time_budget_stops_training_and_a_rerun_goes_on(tmp_path):
     clips = [synthetic_clip("a", 12, 32, 0)]
     recipe = recipe_for("dck", batch_size=4, size=32)

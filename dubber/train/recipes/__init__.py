@@ -94,5 +94,17 @@ class Recipe:
         """Validation figures on held-out clips (names start with "val_")."""
         return {}
 
+    def initialised(self, model: torch.nn.Module, init: str) -> torch.nn.Module:
+        """`model` with the weights of the file `init` (fine-tuning), or as it is when init is "".
+        The file must hold this model built with the same constructor arguments."""
+        if init:
+            from dubber.backbones import load
+
+            start = load(self.model, init)
+            if start.init_kwargs != model.init_kwargs:
+                raise DubberError(f"holds a {self.model} built with {start.init_kwargs}, not {model.init_kwargs}", init)
+            model.load_state_dict(start.state_dict())
+        return model
+
     def finish(self, modules, sampler, rng: np.random.Generator, device: torch.device) -> None:
         """Last touches before shipping (e.g. BatchNorm statistics); after the resumable state is saved."""

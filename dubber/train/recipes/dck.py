@@ -76,15 +76,7 @@ class DCKRecipe(Recipe):
         return [CropSpec(CROP_BOX, self.size)] + ([FACE_CROP] if self.sync_expert else [])
 
     def build(self) -> Dict[str, torch.nn.Module]:
-        model = DCK(size=self.size)
-        if self.init:
-            from dubber.backbones import load_backbone
-
-            start = load_backbone("dck", self.init)
-            if start.init_kwargs != model.init_kwargs:
-                raise ValueError(f"{self.init} holds a DCK built with {start.init_kwargs}, not {model.init_kwargs}")
-            model.load_state_dict(start.state_dict())
-        return {"model": model, "disc": PatchDiscriminator()}
+        return {"model": self.initialised(DCK(size=self.size), self.init), "disc": PatchDiscriminator()}
 
     def optimizers(self, modules):
         return {name: torch.optim.Adam(modules[module].parameters(), lr=self.lr, betas=tuple(self.adam_betas))

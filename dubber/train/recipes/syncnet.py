@@ -71,12 +71,13 @@ class SyncNetRecipe(Recipe):
     base_channels: int = BASE_CHANNELS
     embed_dim: int = EMBED_DIM
     temperature: float = CONTRASTIVE_TEMPERATURE
+    init: str = ""  # path of a syncnet file to start from (fine-tuning) instead of a fresh model
 
     def crops(self) -> Sequence[CropSpec]:
         return [FACE_CROP]
 
     def build(self):
-        return {"model": SyncNet(base_channels=self.base_channels, embed_dim=self.embed_dim)}
+        return {"model": self.initialised(SyncNet(base_channels=self.base_channels, embed_dim=self.embed_dim), self.init)}
 
     def optimizers(self, modules):
         return {"model": torch.optim.Adam(modules["model"].parameters(), lr=self.lr)}

@@ -6,7 +6,7 @@ Layout of a pack folder:
   crops_<key>.mp4   every clip's crops of one CropSpec, clip after clip, H.264 4:4:4 at PACK_CRF
   clips.npz         per clip: name, identity, fps, length; per frame: the crop transforms, the
                     speech flags and an offset into the clip's mel segment; per clip a log-mel
-                    segment [N_MELS, columns] quantised to uint8 over audio.MEL_RANGE
+                    segment [N_MELS, columns] quantised to uint8 over [MEL_LOW, MEL_HIGH]
 A pack holds no landmarks: it is for training steps, not for validation (which refits landmarks).
 
     python -m dubber.train.pack --data ../shared/data --cache CACHE --offsets weights/offsets.csv \
@@ -24,7 +24,7 @@ from dubber import audio
 from dubber.errors import DubberError
 from dubber.face.crops import CropSpec
 
-PACK_CRF = 16  # x264 quality of the crop videos: near-transparent for training, ~1 kB a 128 px frame
+PACK_CRF = 16  # x264 quality of the crop videos: about 2 grey levels off, ~0.5 kB a 128 px frame
 MEL_LOW, MEL_HIGH = -4.0, 4.0  # the range audio.log_mel normalises to; quantised in 255 steps
 
 
@@ -42,9 +42,9 @@ def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, c
     for key in crop_keys:
         size = clips[0]["crops"][key].shape[1]
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo",
-               "-pix_fmt", "rgb24", "-s", f"{size}x{size}", "-framerate", "25", "-i", "-",
+               "-pix_fmt", "rgb24", "-s", f"{size}x{size}", "-framerate", "25", "-i", "-",  # frames, not time
                "-c:v", "libx264", "-preset", "slow", "-crf", str(PACK_CRF), "-pix_fmt", "yuv444p",
-               str(folder / f"crops_{key.replace(':', '_')}.mp4")]
+               str(folder / f"crops_{key}.mp4")]
         with subprocess.Popen(cmd, stdin=subprocess.PIPE) as proc:
             for clip in clips:
                 proc.stdin.write(np.ascontiguousarray(clip["crops"][key]).tobytes())
@@ -76,7 +76,7 @@ def read_pack(folder: Path) -> List[dict]:
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     crops = {}
     for key in meta["crop_keys"]:
-        capture = cv2.VideoCapture(str(folder / f"crops_{str(key).replace(':', '_')}.mp4"))
+        capture = cv2.VideoCapture(str(folder / f"crops_{key}.mp4"))
         frames = []
         while True:
             ok, frame = capture.read()

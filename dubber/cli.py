@@ -20,8 +20,10 @@ from dubber import options as check
 from dubber.errors import DubberError
 from dubber.apply import BATCH_FRAMES
 from dubber.media import VIDEO_CRF
+from dubber.train.adapt import DEFAULT_STEPS
 
 EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+_STEPS_NOTE = ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items())  # adaptation's defaults
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a face (photo or video) speak a speech track, lips in sync.")
@@ -115,6 +117,13 @@ def lipsync(
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout (batches: one "
                                                            "object per item)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    adapt: bool = typer.Option(False, "--adapt", help="First adapt the backbone to the FACE video (its frames and "
+                                                      "own speech; see `dubber adapt`), then dub with it."),
+    adapt_steps: Optional[int] = typer.Option(None, help="Optimiser steps of --adapt (default: the backbone's: "
+                                                         f"{_STEPS_NOTE})."),
+    adapt_minutes: Optional[float] = typer.Option(None, help="Stop --adapt after this much training time."),
+    adapt_out: Optional[Path] = typer.Option(None, help="Keep the --adapt model in this .pt file (default: a "
+                                                        "temporary file; a rerun continues from its checkpoint)."),
 ):
     """Dub FACE with AUDIO: `dubber lipsync face.jpg speech.wav -o out.mp4`.
 
@@ -129,9 +138,12 @@ def lipsync(
                              crf=crf, overwrite=overwrite, start=start, duration=duration, loop=loop, pads=pads,
                              smooth=smooth)
     notes = options.check()
+    _check_lipsync_adapt(adapt, adapt_steps, adapt_minutes, adapt_out, options)
     if face.is_dir() or face.suffix.lower() == ".csv":
         if voices:
             raise check.OptionError("--face", face_id[0], "ID=AUDIO dubs the people of one video; FACE is a batch")
+        if adapt:
+            raise check.OptionError("--adapt", face, "adapts to one video; FACE is a batch")
         check.number("--jobs", jobs, 1, 64, what="parallel jobs")
         _lipsync_batch(face, audio, output, options, jobs, quiet, notes, json_output)
         return
@@ -140,7 +152,8 @@ def lipsync(
               "(--face ID=AUDIO) (usage: dubber lipsync FACE AUDIO -o OUT.mp4)", EXIT_USAGE)
     from dubber.pipeline import lipsync as run
 
-    with _progress(quiet) as hook:
+    with _progress(quiet) as hook, _adapted(adapt, face, audio, output, options, adapt_steps, adapt_minutes,
+                                            adapt_out, quiet, hook):
         summary = run(face, audio, output, options, hook)
     for note in summary.notes:
         quiet or typer.echo(f"note: {note}", err=True)
@@ -152,6 +165,57 @@ def lipsync(
         typer.echo(json.dumps(summary.as_dict(), indent=2))
     else:
         typer.echo(str(summary.output))
+
+
+def _check_lipsync_adapt(adapt: bool, steps: Optional[int], minutes: Optional[float], out: Optional[Path],
+                         options) -> None:
+    """The --adapt options: values, and combinations with the other lipsync options."""
+    for option, value in (("--adapt-steps", steps), ("--adapt-minutes", minutes), ("--adapt-out", out)):
+        if value is not None and not adapt:
+            raise check.OptionError(option, value, "applies with --adapt")
+    if not adapt:
+        return
+    if options.weights is not None:
+        raise check.OptionError("--weights", options.weights, "cannot be combined with --adapt (which adapts "
+                                "the shipped weights); dub with an adapted file through --weights alone")
+    for option, value in (("--face", options.face), ("--face-index", options.face_index or None),
+                          ("--face-box", options.face_box), ("--face", options.voices)):
+        if value is not None:
+            shown = " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+            raise check.OptionError(option, shown, "cannot be combined with --adapt, which adapts to the largest face")
+    if steps is not None:
+        check.number("--adapt-steps", steps, low=1, what="optimiser steps")
+    if minutes is not None:
+        check.number("--adapt-minutes", minutes, above=0)
+
+
+@contextmanager
+def _adapted(adapt: bool, face: Path, audio: Optional[Path], output: Path, options, steps: Optional[int],
+             minutes: Optional[float], out: Optional[Path], quiet: bool, hook):
+    """With --adapt: check the whole lipsync request, adapt the backbone to FACE (into `out` or a
+    temporary file) and point options.weights at the result for the block; else nothing."""
+    if not adapt:
+        yield
+        return
+    import tempfile
+
+    from dubber import media
+    from dubber.backbones import DEFAULT_VIDEO_BACKBONE
+    from dubber.train.adapt import adapt as run_adapt
+    from dubber.train.adapt import check_adapt
+
+    backbone = options.backbone or DEFAULT_VIDEO_BACKBONE
+    max_seconds = minutes * 60 if minutes is not None else None
+    inputs = [media.check_input(face)] + ([media.check_input(audio)] if audio is not None else [])
+    check.output_file("-o", output, inputs, options.overwrite)  # the dub is checked before the adaptation
+    if out is not None:
+        check.output_file("--adapt-out", out, inputs, overwrite=True, suffixes=(".pt",))
+    options.check_input(check_adapt(face, out, backbone, steps, max_seconds, options.device, out_option="--adapt-out"))
+    log = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
+    with tempfile.TemporaryDirectory(prefix="dubber-adapt-") as work:
+        options.weights = run_adapt(face, out or Path(work) / f"{backbone}-{face.stem}.pt", backbone, steps,
+                                    max_seconds, options.device, log=log, progress=hook)
+        yield
 
 
 def _parse_faces(values: List[str]):
@@ -372,6 +436,35 @@ def train(
                                     sync_expert, val_every, patience, log_every, checkpoint_every, workers,
                                     hyperparameters=hyperparameters, offsets=offsets, log=log, progress=hook,
                                     max_seconds=minutes * 60 if minutes else None)
+    typer.echo(str(written))
+
+
+@app.command()
+def adapt(
+    video: Path = typer.Argument(..., help="Video of the person to dub, with their own speech."),
+    output: Path = typer.Option(..., "-o", "--output", help="Model file to write, .pt (a rerun continues from the "
+                                                             "checkpoint beside it)."),
+    backbone: str = typer.Option("dck", help="Backbone whose shipped weights are adapted."),
+    steps: Optional[int] = typer.Option(None, help="Total optimiser steps (default: the backbone's: "
+                                                   f"{_STEPS_NOTE}; a rerun continues to this count)."),
+    minutes: Optional[float] = typer.Option(None, help="Stop after this much training time (rerun to go on)."),
+    cache: Optional[Path] = typer.Option(None, help="Keep the preprocess cache in this folder (default: a "
+                                                    "temporary one)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """Fine-tune a backbone on one video of a person (its frames and own speech) for dubbing them:
+    `dubber adapt person.mp4 -o person.pt`, then `dubber lipsync person.mp4 speech.wav --weights
+    person.pt -o out.mp4`."""
+    from dubber.train.adapt import adapt as run
+
+    if cache is not None:
+        check.output_folder("--cache", cache)
+    log = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
+    with _progress(quiet) as hook:
+        written = run(video, output, backbone, steps, minutes * 60 if minutes is not None else None, device, cache,
+                      log=log, progress=hook)  # checks every option first
+    quiet or typer.echo(f"dub with: dubber lipsync {video} SPEECH --weights {written} -o OUT.mp4", err=True)
     typer.echo(str(written))
 
 

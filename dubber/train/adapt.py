@@ -1,0 +1,177 @@
+"""Adaptation: fine-tune a backbone's shipped weights on one video of the person to dub.
+
+The video is training data for exactly the face to animate: its frames and its own speech. The
+backbone's usual recipe (dubber.train.recipes) starts from the shipped file (`init`) and runs
+restricted to this one video, through the one loop (dubber.train.loop): the same self-supervised
+samples (for DCK, identity frame and mouth donor drawn from distant frames, never the target), a
+resumable checkpoint beside the output and a time budget. The written model file is
+self-describing, and its meta["adapted"] records the source video, the base weights, the steps
+and the time taken.
+
+`adapt` is the one entry the CLI (`dubber adapt`, `dubber lipsync --adapt`) and the pipeline's
+callers use; `check_adapt` is its validation, for a caller that checks before other work.
+"""
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+from dubber import media
+from dubber import options as check
+from dubber.errors import DubberError
+
+PathLike = Union[str, Path]
+ProgressHook = Callable[[str, int, Optional[int]], None]
+
+# Default optimiser steps of the backbones that can be adapted (a backbone is adaptable when it
+# has an entry; the batch is its recipe's). dck: 300 steps of 16 samples draw 4,800 targets, about
+# three passes over the 1,500 frames of a one-minute 25 fps clip -- a fine-tune towards one
+# person's mouth, far short of the 4,000 steps on 22 identities the shipped file was trained
+# with. A step costs about 1.1 CPU-seconds at 128 px (measured on this project's 2-core machine),
+# so 300 steps take some 5 minutes on one free core.
+DEFAULT_STEPS: Dict[str, int] = {"dck": 300}
+# Steps between resumable checkpoints: an interrupted or crashed adaptation loses at most this much
+# (Ctrl-C and the time budget save at once anyway); writing one takes well under a second.
+CHECKPOINT_EVERY = 100
+LOG_EVERY = 50  # steps between loss lines in the log
+FINGERPRINT_CHARS = 12  # hex digits of (video, base weights) in the checkpoint's name
+STAGE = "adapt"  # the progress stage the loop's "train" steps are shown as
+
+
+def adaptable() -> List[str]:
+    """Backbones `adapt` supports (those with a default step count)."""
+    return sorted(DEFAULT_STEPS)
+
+
+def describe_source(video: PathLike, info: Optional[media.MediaInfo] = None) -> Dict[str, object]:
+    """What an adapted file records of its video: name, duration (s) and the file's sha256."""
+    from dubber.checkpoint import file_sha256
+
+    video = Path(video)
+    info = info or media.probe(video)
+    return {"name": video.name, "duration_s": round(float(info.duration), 3), "sha256": file_sha256(video)}
+
+
+def describe_base(path: PathLike) -> Dict[str, object]:
+    """What an adapted file records of its base weights: path and state_sha256 (from the base
+    file's meta when it records one, else computed from its state)."""
+    from dubber.checkpoint import load_package, state_sha256
+
+    package = load_package(path)
+    digest = package.get("meta", {}).get("state_sha256") or state_sha256(package["state"])
+    return {"path": str(Path(path).resolve()), "state_sha256": digest}
+
+
+def checkpoint_path(out_path: PathLike, source_sha256: str, base_sha256: str) -> Path:
+    """The resumable training state of `out_path` for this video and these base weights:
+    <stem>.<fingerprint>.train.pt beside it, so a rerun continues and another video starts afresh."""
+    out_path = Path(out_path)
+    fingerprint = hashlib.sha256(f"{source_sha256}:{base_sha256}".encode()).hexdigest()[:FINGERPRINT_CHARS]
+    return out_path.with_name(f"{out_path.stem}.{fingerprint}.train.pt")
+
+
+def check_adapt(video: PathLike, out_path: Optional[PathLike] = None, backbone: str = "dck",
+                steps: Optional[int] = None, max_seconds: Optional[float] = None,
+                device: str = "auto", out_option: str = "-o") -> media.MediaInfo:
+    """Check an adaptation request before any work: OptionError (usage) or DubberError (input).
+    Returns the video's probe. out_path None: the caller picks a temporary file; out_option: the
+    option that names it, in errors."""
+    from dubber.backbones import weights_path
+
+    check.choice("--backbone", backbone, adaptable())
+    if steps is not None:
+        check.number("--steps", steps, low=1, what="optimiser steps")
+    if max_seconds is not None:
+        check.number("--minutes", max_seconds / 60, above=0)
+    check.device("--device", device)
+    base = weights_path(backbone)
+    if not base.is_file():
+        raise DubberError(f"no shipped weights for {backbone!r} to adapt", base)
+    info = media.probe(video)
+    if info.is_image:
+        raise DubberError("is a photo: adaptation learns from a video of the person (its frames and its own "
+                          "speech); one frame has nothing to learn from", info.path)
+    if not info.has_video:
+        raise DubberError("has no video stream (adaptation needs a video of the person)", info.path)
+    if not info.has_audio:
+        raise DubberError("has no audio track: adaptation learns the mouth from the video's own speech", info.path)
+    if out_path is not None:
+        check.output_file(out_option, out_path, [info.path, base], overwrite=True, suffixes=(".pt",))
+    return info
+
+
+def adapt(video: PathLike, out_path: PathLike, backbone: str = "dck", steps: Optional[int] = None,
+          max_seconds: Optional[float] = None, device: str = "auto", cache_dir: Optional[PathLike] = None,
+          resume: bool = True, log: Callable[[str], None] = print,
+          progress: Optional[ProgressHook] = None) -> Path:
+    """Fine-tune `backbone`'s shipped weights on `video` (its frames and own audio, lag 0) for
+    `steps` optimiser steps in total (default DEFAULT_STEPS) and write the model to out_path.
+
+    max_seconds: a training-time budget (the loop stops after the step that reaches it; a rerun
+    continues). cache_dir: where the preprocess cache goes (default: a temporary folder). With
+    `resume`, the checkpoint of this video and base (checkpoint_path) is continued. The output
+    is replaced atomically when complete; an interrupted run leaves only the checkpoint.
+    Returns out_path.
+    """
+    import torch
+
+    from dubber.backbones import weights_path
+    from dubber.checkpoint import load_package, save_atomic
+    from dubber.train.loop import train
+    from dubber.train.recipes import recipe_for
+
+    started = time.perf_counter()
+    info = check_adapt(video, out_path, backbone, steps, max_seconds, device)
+    video, out_path = info.path, Path(out_path)
+    steps = steps or DEFAULT_STEPS[backbone]
+    base = weights_path(backbone)
+    source, base_meta = describe_source(video, info), describe_base(base)
+    recipe = recipe_for(backbone, init=base_meta["path"])
+    specs = list(recipe.crops())
+    torch_device = torch.device(check.resolved_device(device))
+    with tempfile.TemporaryDirectory(prefix="dubber-adapt-") as work:
+        cache_dir = Path(cache_dir) if cache_dir is not None else Path(work) / "cache"
+        item = {"path": video, "identity": video.stem, "lag": 0}
+        log(f"preprocessing {video.name} ({info.duration:.1f} s): face tracking and crops")
+        clips = _clips(item, cache_dir, specs, progress)
+        frames = sum(len(clip["mels"]) for clip in clips)
+        log(f"adapting {backbone} to {video.name}: {frames} frames with a face in {len(clips)} runs; "
+            f"{steps} steps of {recipe.batch_size} samples on {torch_device}"
+            + (f", at most {max_seconds / 60:.3g} min" if max_seconds else "")
+            + "; the first step gives an estimate of the time")
+        model_path = Path(work) / out_path.name
+        shown = (lambda message: log(message.replace(str(model_path), str(out_path))))
+        renamed = (lambda stage, advance, total: progress(STAGE if stage == "train" else stage, advance, total))
+        train(recipe, clips, model_path, steps, device=torch_device, resume=resume,
+              checkpoint_path=checkpoint_path(out_path, source["sha256"], base_meta["state_sha256"]),
+              log_every=min(LOG_EVERY, steps), checkpoint_every=CHECKPOINT_EVERY,
+              data_meta={"source": f"{video.name}: its own frames and audio (lag 0)"}, log=shown,
+              progress=renamed if progress else None, max_seconds=max_seconds)
+        package = load_package(model_path)
+        package["meta"]["adapted"] = {"source": source, "base": base_meta, "steps": package["meta"]["steps"],
+                                      "seconds": round(time.perf_counter() - started, 1)}
+        save_atomic(package, out_path)
+    return out_path
+
+
+def _clips(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook]) -> List[dict]:
+    """The clip dicts of one video (dubber.data), its cache built first; DubberError naming the
+    video when it cannot be preprocessed (no face, no readable frame), its audio is silent or no
+    run of consecutive frames with a face is long enough."""
+    from dubber import data
+    from dubber.cache import load_cache
+
+    problems: List[str] = []
+    built = data.build_cache([item], cache_dir, specs, workers=1, progress=progress, log=problems.append)
+    if not built:  # build_cache logs "skipped: <the error>" and goes on; here there is nothing else
+        raise DubberError(problems[0].split("skipped: ", 1)[-1] if problems else "could not be preprocessed",
+                          None if problems else item["path"])
+    if not bool(load_cache(built[0], ["has_audio"])["has_audio"]):
+        raise DubberError("its audio is silent: adaptation learns the mouth from the video's own speech", item["path"])
+    try:
+        return data.load_clips([item], cache_dir, specs)
+    except DubberError:
+        raise DubberError(f"no run of {data.MIN_RUN} consecutive frames with a face: nothing to adapt on",
+                          item["path"]) from None

@@ -1,0 +1,146 @@
+"""`dubber adapt` and `dubber lipsync --adapt / --weights` through the real CLI, on the tiny
+talking-face video of conftest: DCK's shipped weights fine-tuned for a few steps on the video's own
+frames and audio, the self-describing file they write, resuming, the time budget, dubbing with the
+result, and the refusals. One preprocess cache serves the whole module (--cache)."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+import helpers
+from dubber.backbones import load_backbone, weights_path
+from dubber.checkpoint import load_package, state_sha256
+
+pytestmark = pytest.mark.slow
+STEPS = 2  # a few optimiser steps: the test is of the plumbing, not of the quality
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapt-cache")
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, face_video, cache):
+    """`dubber adapt face_motion.mp4 -o person.pt --steps 2` -> (person.pt, stderr)."""
+    out = tmp_path_factory.mktemp("adapted") / "person.pt"
+    code, stdout, stderr = helpers.run_cli(["adapt", face_video, "-o", out, "--steps", STEPS, "--device", "cpu",
+                                            "--cache", cache])
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    return out, stderr
+
+
+def test_adapt_writes_a_self_describing_model(adapted, face_video):
+    out, stderr = adapted
+    assert isinstance(load_backbone("dck", out), type(load_backbone("dck")))
+    meta = load_package(out)["meta"]
+    record = meta["adapted"]
+    assert record["source"] == {"name": face_video.name, "duration_s": pytest.approx(2.0, abs=0.05),
+                                "sha256": helpers.sha256(face_video)}
+    base = weights_path("dck")
+    assert record["base"] == {"path": str(base.resolve()),
+                              "state_sha256": state_sha256(load_package(base)["state"])}
+    assert record["steps"] == meta["steps"] == STEPS and record["seconds"] > 0
+    assert meta["recipe"]["init"] == str(base.resolve()) and meta["data"]["identities"] == 1
+    assert meta["state_sha256"] != record["base"]["state_sha256"]  # the steps changed the weights
+    assert "first step took" in stderr  # the estimate of the whole adaptation, before it runs on
+    assert len(list(out.parent.glob("person.*.train.pt"))) == 1  # the resumable state beside it
+
+
+def test_a_rerun_with_more_steps_continues(adapted, face_video, cache, tmp_path):
+    out, _ = adapted
+    copy = tmp_path / out.name
+    for path in out.parent.glob("person*"):
+        shutil.copy(path, tmp_path / path.name)
+    code, _, stderr = helpers.run_cli(["adapt", face_video, "-o", copy, "--steps", STEPS + 1, "--device", "cpu",
+                                       "--cache", cache])
+    assert code == 0, stderr
+    assert f"resumed from {copy.parent}" in stderr and f"at step {STEPS}" in stderr
+    meta = load_package(copy)["meta"]
+    assert meta["steps"] == meta["adapted"]["steps"] == STEPS + 1
+
+
+def test_minutes_stops_early(face_video, cache, tmp_path):
+    out = tmp_path / "budget.pt"
+    code, _, stderr = helpers.run_cli(["adapt", face_video, "-o", out, "--steps", 50, "--minutes", 0.0001,
+                                       "--device", "cpu", "--cache", cache, "-q"])
+    assert code == 0, stderr
+    assert load_package(out)["meta"]["adapted"]["steps"] == 1  # the budget ran out after the first step
+
+
+def test_an_interrupted_adaptation_leaves_no_model_and_resumes(face_video, cache, tmp_path):
+    from dubber.train.adapt import adapt
+
+    out = tmp_path / "person.pt"
+    seen = []
+
+    def progress(stage, advance, total):
+        seen.append((stage, advance, total))
+        if stage == "adapt" and sum(a for s, a, _ in seen if s == "adapt") == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second step's report
+
+    with pytest.raises(KeyboardInterrupt):
+        adapt(face_video, out, steps=3, device="cpu", cache_dir=cache, log=lambda m: None, progress=progress)
+    assert not out.exists() and not list(tmp_path.glob(".person.pt*"))
+    assert ("adapt", 0, 3) in seen and any(stage == "build cache" for stage, _, _ in seen)
+    messages = []
+    assert adapt(face_video, out, steps=3, device="cpu", cache_dir=cache, log=messages.append) == out
+    assert any("at step 2" in m for m in messages) and load_package(out)["meta"]["steps"] == 3
+
+
+def test_lipsync_with_adapted_weights(adapted, face_video, speech_1s, tmp_path):
+    out, _ = adapted
+    dubbed, generic = tmp_path / "adapted.mp4", tmp_path / "generic.mp4"
+    code, stdout, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", dubbed, "--weights", out,
+                                            "--device", "cpu", "-q"])
+    assert code == 0, stderr
+    assert stdout.strip() == str(dubbed)
+    code, _, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", generic, "--device", "cpu", "-q"])
+    assert code == 0, stderr
+    frames, shipped = helpers.decode_frames(dubbed), helpers.decode_frames(generic)
+    assert len(frames) == len(shipped) == 25
+    assert any(not np.array_equal(a, b) for a, b in zip(frames, shipped))  # the adapted model was used
+
+
+def test_lipsync_adapt_then_dub_in_one_run(face_video, speech_1s, tmp_path):
+    kept, dubbed = tmp_path / "kept.pt", tmp_path / "out.mp4"
+    code, stdout, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", dubbed, "--adapt",
+                                            "--adapt-steps", STEPS, "--adapt-out", kept, "--device", "cpu"])
+    assert code == 0, stderr
+    assert stdout.strip() == str(dubbed) and len(helpers.decode_frames(dubbed)) == 25
+    assert "first step took" in stderr and "adapt" in stderr
+    assert load_package(kept)["meta"]["adapted"]["steps"] == STEPS
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["adapt", "{video}", "-o", "{tmp}/p.pt", "--steps", "0"], 2, ["--steps 0", "at least 1"]),
+    (["adapt", "{video}", "-o", "{tmp}"], 2, ["is a folder"]),
+    (["adapt", "{video}", "-o", "{tmp}/p.mp4"], 2, ["must end in .pt"]),
+    (["adapt", "{video}", "-o", "{base}"], 2, ["is an input"]),
+    (["adapt", "{video}", "-o", "{tmp}/p.pt", "--minutes", "0"], 2, ["--minutes 0", "greater than 0"]),
+    (["adapt", "{video}", "-o", "{tmp}/p.pt", "--backbone", "toy_frame"], 2, ["--backbone toy_frame", "dck"]),
+    (["adapt", "{photo}", "-o", "{tmp}/p.pt"], 1, ["is a photo"]),
+    (["adapt", "{silent}", "-o", "{tmp}/p.pt"], 1, ["no audio track"]),
+    (["lipsync", "{photo}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt"], 1, ["is a photo", "one frame"]),
+    (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt-steps", "3"], 2, ["--adapt-steps 3",
+                                                                                          "with --adapt"]),
+    (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt", "--adapt-steps", "0"], 2,
+     ["--adapt-steps 0"]),
+    (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt", "--weights", "{base}"], 2,
+     ["--weights", "cannot be combined with --adapt"]),
+    (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt", "--face-index", "1"], 2,
+     ["--face-index 1", "largest face"]),
+    (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt", "--adapt-out", "{tmp}"], 2,
+     ["--adapt-out", "is a folder"]),
+    (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--weights", "{expert}"], 1, ["not 'dck'"]),
+])
+def test_refusals(args, code, words, face_video, face_video_silent, face_still, speech_1s, tmp_path):
+    values = {"video": face_video, "silent": face_video_silent, "photo": face_still, "speech": speech_1s,
+              "tmp": tmp_path, "base": weights_path("dck"), "expert": weights_path("syncnet")}
+    got, stdout, stderr = helpers.run_cli([a.format(**values) for a in args])
+    assert got == code, stderr
+    line = stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and all(w in line for w in words), line
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -8,8 +8,9 @@ resumable checkpoint beside the output and a time budget. The written model file
 self-describing, and its meta["adapted"] records the source video, the base weights, the steps
 and the time taken.
 
-`adapt` is the one entry the CLI (`dubber adapt`, `dubber lipsync --adapt`) and the pipeline's
-callers use; `check_adapt` is its validation, for a caller that checks before other work.
+`adapt` is the one entry to it for the CLI (`dubber adapt`, `dubber lipsync --adapt`) and Python
+callers (the pipeline never imports training code); `check_adapt` is its validation, for a caller
+that checks a whole request before any work.
 """
 
 import hashlib

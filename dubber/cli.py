@@ -388,6 +388,7 @@ def train(
     backbone: str = typer.Option("dck", help="What to train: a backbone (dck, ...) or syncnet (the lip-sync expert)."),
     data: Path = typer.Option(Path("../shared/data"), help="Corpus root (grid/, wild/, manifest_wild.csv)."),
     cache: Path = typer.Option(Path("cache"), help="Preprocess cache folder (outside version control)."),
+    pack: Optional[Path] = typer.Option(None, help="Train on a training pack (python -m dubber.train.pack) instead of --data/--cache."),
     out: Optional[Path] = typer.Option(None, help="Model file to write, .pt (default: runs/<name>-<date>/<name>.pt)."),
     force: bool = typer.Option(False, help="Allow --out to name a shipped file in weights/."),
     steps: int = typer.Option(20000, help="Total optimiser steps (a resumed run continues to this count)."),
@@ -418,6 +419,10 @@ def train(
         check.existing_file("--offsets", offsets)
     if minutes is not None:
         check.number("--minutes", minutes, above=0)
+    if pack is not None:
+        check.existing_file("--pack", pack / "clips.npz")
+        if val_every:
+            raise check.OptionError("--val-every", val_every, "a pack holds no landmarks to validate with: drop --pack or --val-every")
     hyperparameters = {}
     for text in set_:
         key, equals, value = text.partition("=")
@@ -435,7 +440,7 @@ def train(
         written = train_from_corpus(backbone, data, cache, out, steps, batch_size, device, grid_every, resume,
                                     sync_expert, val_every, patience, log_every, checkpoint_every, workers,
                                     hyperparameters=hyperparameters, offsets=offsets, log=log, progress=hook,
-                                    max_seconds=minutes * 60 if minutes else None)
+                                    max_seconds=minutes * 60 if minutes else None, pack=pack)
     typer.echo(str(written))
 
 

@@ -43,6 +43,9 @@ def test_adapt_writes_a_self_describing_model(adapted, face_video):
     assert record["base"] == {"path": str(base.resolve()),
                               "state_sha256": state_sha256(load_package(base)["state"])}
     assert record["steps"] == meta["steps"] == STEPS and record["seconds"] > 0
+    # the video's own lag, measured with the expert (dubber.train.offsets, tested there), shifts its audio
+    assert isinstance(record["lag"], int) and "audio-visual lag" in stderr
+    assert f"(lag {record['lag']} frames)" in meta["data"]["source"]
     assert meta["recipe"]["init"] == str(base.resolve()) and meta["data"]["identities"] == 1
     assert meta["state_sha256"] != record["base"]["state_sha256"]  # the steps changed the weights
     assert "first step took" in stderr  # the estimate of the whole adaptation, before it runs on

@@ -107,8 +107,9 @@ def adapt(video: PathLike, out_path: PathLike, backbone: str = "dck", steps: Opt
           max_seconds: Optional[float] = None, device: str = "auto", cache_dir: Optional[PathLike] = None,
           resume: bool = True, log: Callable[[str], None] = print,
           progress: Optional[ProgressHook] = None) -> Path:
-    """Fine-tune `backbone`'s shipped weights on `video` (its frames and own audio, lag 0) for
-    `steps` optimiser steps in total (default DEFAULT_STEPS) and write the model to out_path.
+    """Fine-tune `backbone`'s shipped weights on `video` (its frames and own audio, shifted by the
+    video's audio-visual lag as the sync expert measures it) for `steps` optimiser steps in total
+    (default DEFAULT_STEPS) and write the model to out_path.
 
     max_seconds: a training-time budget (the loop stops after the step that reaches it; a rerun
     continues). cache_dir: where the preprocess cache goes (default: a temporary folder). With
@@ -136,6 +137,7 @@ def adapt(video: PathLike, out_path: PathLike, backbone: str = "dck", steps: Opt
         cache_dir = Path(cache_dir) if cache_dir is not None else Path(work) / "cache"
         item = {"path": video, "identity": video.stem, "lag": 0}
         log(f"preprocessing {video.name} ({info.duration:.1f} s): face tracking and crops")
+        item["lag"] = _measured_lag(item, cache_dir, specs, progress, log)
         clips = _clips(item, cache_dir, specs, progress)
         frames = sum(len(clip["mels"]) for clip in clips)
         log(f"adapting {backbone} to {video.name}: {frames} frames with a face in {len(clips)} runs; "
@@ -148,13 +150,32 @@ def adapt(video: PathLike, out_path: PathLike, backbone: str = "dck", steps: Opt
         train(recipe, clips, model_path, steps, device=torch_device, resume=resume,
               checkpoint_path=checkpoint_path(out_path, source["sha256"], base_meta["state_sha256"]),
               log_every=min(LOG_EVERY, steps), checkpoint_every=CHECKPOINT_EVERY,
-              data_meta={"source": f"{video.name}: its own frames and audio (lag 0)"}, log=shown,
+              data_meta={"source": f"{video.name}: its own frames and audio (lag {item['lag']} frames)"}, log=shown,
               progress=renamed if progress else None, max_seconds=max_seconds)
         package = load_package(model_path)
-        package["meta"]["adapted"] = {"source": source, "base": base_meta, "steps": package["meta"]["steps"],
+        package["meta"]["adapted"] = {"source": source, "base": base_meta, "lag": item["lag"],
+                                      "steps": package["meta"]["steps"],
                                       "seconds": round(time.perf_counter() - started, 1)}
         save_atomic(package, out_path)
     return out_path
+
+
+def _measured_lag(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook],
+                  log: Callable[[str], None]) -> int:
+    """Frames the video's mouth trails its sound, by the shipped sync expert
+    (dubber.train.offsets, as for the corpus); 0 when the expert is not confident. Trained at lag
+    0, an adapted model learns the video's own lag and dubs that late or early."""
+    from dubber.backbones import load
+    from dubber.backbones.syncnet import FACE_CROP
+    from dubber.train.offsets import measure_offsets
+
+    clips = _clips(item, cache_dir, list(specs) + [FACE_CROP], progress)
+    row = measure_offsets(clips, load("syncnet"), {Path(item["path"]).stem: item["path"].name}, log=lambda m: None)[0]
+    if row["lag"] is None:
+        log(f"audio-visual lag: not measurable with confidence ({row['speech_windows']} speech windows); using 0")
+        return 0
+    log(f"audio-visual lag: {row['lag']:+d} frames (sync expert, confidence {max(row['clip_confidence'], row['identity_confidence']):.2f})")
+    return int(row["lag"])
 
 
 def _clips(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook]) -> List[dict]:

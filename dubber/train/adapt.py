@@ -4,9 +4,10 @@ The video is training data for exactly the face to animate: its frames and its o
 backbone's usual recipe (dubber.train.recipes) starts from the shipped file (`init`) and runs
 restricted to this one video, through the one loop (dubber.train.loop): the same self-supervised
 samples (for DCK, identity frame and mouth donor drawn from distant frames, never the target), a
-resumable checkpoint beside the output and a time budget. The written model file is
-self-describing, and its meta["adapted"] records the source video, the base weights, the steps
-and the time taken.
+resumable checkpoint beside the output and a time budget. The video's audio is shifted by its own
+audio-visual lag, measured with the sync expert first. The written model file is
+self-describing, and its meta["adapted"] records the source video, the base weights, the lag, the
+steps and the time taken.
 
 `adapt` is the one entry to it for the CLI (`dubber adapt`, `dubber lipsync --adapt`) and Python
 callers (the pipeline never imports training code); `check_adapt` is its validation, for a caller
@@ -29,8 +30,8 @@ ProgressHook = Callable[[str, int, Optional[int]], None]
 # Default optimiser steps of the backbones that can be adapted (a backbone is adaptable when it
 # has an entry; the batch is its recipe's). dck: 300 steps of 16 samples draw 4,800 targets, about
 # three passes over the 1,500 frames of a one-minute 25 fps clip -- a fine-tune towards one
-# person's mouth, far short of the 4,000 steps on 22 identities the shipped file was trained
-# with. A step costs about 1.1 CPU-seconds at 128 px (measured on this project's 2-core machine),
+# person's mouth, far short of the ~9,000 steps on up to 65 identities the shipped file was
+# trained with. A step costs about 1.1 CPU-seconds at 128 px (measured on this project's 2-core machine),
 # so 300 steps take some 5 minutes on one free core.
 DEFAULT_STEPS: Dict[str, int] = {"dck": 300}
 # Steps between resumable checkpoints: an interrupted or crashed adaptation loses at most this much

@@ -178,8 +178,8 @@ CASES = {
     # train
     "train_steps_zero": Case(_train("--steps", "0"), 2, ["--steps 0", "at least 1"]),
     "train_grid_every_zero": Case(_train("--grid-every", "0"), 2, ["--grid-every 0", "at least 1"]),
-    "train_minutes_zero": Case(_train("--minutes", "0"), 2, ["--minutes 0", "greater than 0"]),
-    "train_pack_missing": Case(_train("--pack", lambda f, out: out.parent / "nopack"), 2, ["--pack", "nopack", "file not found"]),
+    "train_minutes_zero": Case(_train("--data", _train_data, "--minutes", "0"), 2, ["--minutes 0", "greater than 0"]),
+    "train_pack_missing": Case(_train("--data", _train_data, "--pack", lambda f, out: out.parent / "nopack"), 2, ["--pack", "nopack", "file not found"]),
     "train_workers_zero": Case(_train("--workers", "0"), 2, ["--workers 0", "between 1 and 64"]),
     "train_backbone_unknown": Case(_train("--backbone", "nosuch"), 2, ["--backbone nosuch", "trainable: dck"]),
     "train_patience_without_validation": Case(_train("--patience", "3"), 2, ["--patience 3", "--val-every"]),

@@ -36,11 +36,11 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     data_root = Path(data_root)
     if pack is not None:
         return _train_from_pack(name, Path(pack), out_path, steps, device, resume, log_every, checkpoint_every,
-                                overrides_of(batch_size, sync_expert, hyperparameters), seed, log, progress, max_seconds)
+                                _overrides(batch_size, sync_expert, hyperparameters), seed, log, progress, max_seconds)
     if not data_root.is_dir():
         raise DubberError("training data folder not found", data_root)
-    recipe = recipe_for(name, **overrides_of(batch_size, sync_expert, hyperparameters))
-    device = _device(device)
+    recipe = recipe_for(name, **_overrides(batch_size, sync_expert, hyperparameters))
+    device = _torch_device(device)
 
     table = None
     if offsets is not None:
@@ -66,7 +66,15 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     return Path(out_path)
 
 
-def overrides_of(batch_size: Optional[int], sync_expert: Optional[Path], hyperparameters) -> Dict[str, object]:
+def _torch_device(name: str):
+    import torch
+
+    from dubber.options import resolved_device
+
+    return torch.device(resolved_device(name))
+
+
+def _overrides(batch_size: Optional[int], sync_expert: Optional[Path], hyperparameters) -> Dict[str, object]:
     """The recipe hyperparameters the caller sets (the shorthands folded into --set's)."""
     overrides = dict(hyperparameters or {})
     if batch_size:
@@ -74,12 +82,6 @@ def overrides_of(batch_size: Optional[int], sync_expert: Optional[Path], hyperpa
     if sync_expert is not None:
         overrides["sync_expert"] = str(sync_expert)
     return overrides
-
-
-def _device(name: str):
-    import torch
-
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
 def _train_from_pack(name, pack: Path, out_path, steps, device, resume, log_every, checkpoint_every, overrides,
@@ -96,7 +98,7 @@ def _train_from_pack(name, pack: Path, out_path, steps, device, resume, log_ever
         f"{len({c['identity'] for c in clips})} identities from the pack {pack}")
     meta = {"source": pack_source(pack), "pack": f"{pack.name} (dubber.train.pack: crops as H.264 4:4:4 "
                                                  f"CRF {PACK_CRF}, mels as uint8)"}
-    train(recipe, clips, out_path, steps, device=_device(device), seed=seed, resume=resume, log_every=log_every,
+    train(recipe, clips, out_path, steps, device=_torch_device(device), seed=seed, resume=resume, log_every=log_every,
           checkpoint_every=checkpoint_every, data_meta=meta, log=log, progress=progress, max_seconds=max_seconds)
     return Path(out_path)
 

@@ -304,8 +304,11 @@ def test_a_time_budget_stops_training_and_a_rerun_goes_on(tmp_path):
     clips = [synthetic_clip("a", 12, 32, 0)]
     recipe = recipe_for("dck", batch_size=4, size=32)
     kwargs = dict(log_every=100, log=lambda message: None)
-    train(recipe, clips, tmp_path / "dck.pt", steps=1000, max_seconds=0.0, **kwargs)  # stops after one step
-    assert torch.load(tmp_path / "dck.train.pt", weights_only=True)["step"] == 1
+    messages = []
+    train(recipe, clips, tmp_path / "dck.pt", steps=1000, max_seconds=0.0, log_every=100, log=messages.append)
+    assert torch.load(tmp_path / "dck.train.pt", weights_only=True)["step"] == 1  # stopped after one step
+    assert any("time budget of 0m00s reached at step 1" in m for m in messages)
+    assert any("first step took" in m and "the time budget stops it after 0m00s" in m for m in messages)
     assert load_backbone("dck", tmp_path / "dck.pt").meta["steps"] == 1
     train(recipe, clips, tmp_path / "dck.pt", steps=3, **kwargs)
     assert torch.load(tmp_path / "dck.train.pt", weights_only=True)["step"] == 3

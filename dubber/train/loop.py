@@ -117,7 +117,10 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
                 advance(1)
                 if step == steps - total + 1 and total > 1:  # the first step of this run: an estimate
                     took = time.perf_counter() - started
-                    log(f"first step took {took:.1f} s: about {_duration(took * total)} for {total} steps "
+                    budget = (f"; the time budget stops it after {_duration(max_seconds)}, about "
+                              f"{max(1, int(max_seconds / took))} steps"
+                              if max_seconds is not None and took * total > max_seconds else "")
+                    log(f"first step took {took:.1f} s: about {_duration(took * total)} for {total} steps{budget} "
                         f"(later steps are usually faster; the log gives a running ETA)")
                 for key, value in losses.items():
                     totals[key] = totals.get(key, 0.0) + value

@@ -79,14 +79,19 @@ def _pre_emphasised(wav: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return out
 
 
+def mel_window_starts(times_s: np.ndarray, width: int) -> np.ndarray:
+    """First mel column of the `width`-column window centred on each time: times_s [N] -> int64 [N]
+    (may be negative or past the end: mel_windows pads)."""
+    return np.round(np.asarray(times_s, dtype=np.float64) * MEL_FPS).astype(np.int64) - width // 2
+
+
 def mel_windows(mel: np.ndarray, times_s: np.ndarray, width: int) -> np.ndarray:
     """Cut one window per timestamp: mel [N_MELS, T], times_s [N] -> [N, N_MELS, width].
 
     Window i is centred on times_s[i]; edges are padded with the quietest value (-4) so frames
     at the very start or past the end of the audio see silence rather than a wrap-around.
     """
-    times_s = np.asarray(times_s, dtype=np.float64)
-    starts = np.round(times_s * MEL_FPS).astype(np.int64) - width // 2
+    starts = mel_window_starts(times_s, width)
     index = starts[:, None] + np.arange(width)[None, :]
     inside = (index >= 0) & (index < mel.shape[1])
     # Gather, then silence what falls outside the track: no padded copy of the whole spectrogram.

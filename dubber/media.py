@@ -321,16 +321,18 @@ def _umask() -> int:
 
 
 class VideoWriter:
-    """Encode BGR frames to H.264 yuv420p + AAC from `audio_path`, cut to `duration` seconds.
+    """Encode BGR frames to H.264 (yuv420p unless pixel_format says otherwise) + AAC from
+    `audio_path`, cut to `duration` seconds.
 
     Use as a context manager; frames go through `write(frame)`. Odd sizes are padded by one pixel
     (yuv420p needs even sides) rather than resampled, so pixels stay where they were.
     """
 
     def __init__(self, path: PathLike, fps: float, width: int, height: int,
-                 audio_path: Optional[PathLike] = None, duration: Optional[float] = None, crf: int = VIDEO_CRF):
+                 audio_path: Optional[PathLike] = None, duration: Optional[float] = None, crf: int = VIDEO_CRF,
+                 pixel_format: str = "yuv420p", preset: str = VIDEO_PRESET):
         self.path = Path(path)
-        self.crf = crf
+        self.crf, self.pixel_format, self.preset = crf, pixel_format, preset
         self.fps, self.width, self.height = fps, width, height
         self.audio_path, self.duration = audio_path, duration
         self.frames_written = 0
@@ -345,8 +347,9 @@ class VideoWriter:
         if self.audio_path is not None:
             cmd += ["-i", str(self.audio_path), "-map", "0:v:0", "-map", "1:a:0",
                     "-c:a", "aac", "-b:a", AUDIO_BITRATE]
-        cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", VIDEO_PRESET,
-                "-crf", str(self.crf), "-sws_flags", SWS_FLAGS, "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
+        cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", self.preset,
+                "-crf", str(self.crf), "-sws_flags", SWS_FLAGS, "-pix_fmt", self.pixel_format,
+                "-movflags", "+faststart"]
         if self.duration is not None:
             cmd += ["-t", f"{self.duration:.6f}"]
         cmd += ["-f", "mp4", str(self.path)]

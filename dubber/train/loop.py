@@ -135,13 +135,13 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
                     totals, counted, tic = {}, 0, time.perf_counter()
                 if val_clips and val_every and (step % val_every == 0 or step == steps):
                     stopped_early = _validate(recipe, modules, val_clips, device, state, patience, log)
-                if step % checkpoint_every == 0 or step == steps or stopped_early:
+                out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds and step < steps
+                if step % checkpoint_every == 0 or step == steps or stopped_early or out_of_time:
                     save()
                 if stopped_early:
                     log(f"early stop at step {step}: {recipe.select_metric} has not improved for {patience} validations")
                     break
-                if max_seconds is not None and time.perf_counter() - started >= max_seconds and step < steps:
-                    save()
+                if out_of_time:
                     log(f"time budget of {_duration(max_seconds)} reached at step {step}")
                     break
     except KeyboardInterrupt:

@@ -14,7 +14,6 @@ A pack holds no landmarks: it is for training steps, not for validation (which r
     dubber train --backbone dck --pack PACK --device cuda --minutes 7 --set init=weights/dck.pt
 """
 
-import subprocess
 from pathlib import Path
 from typing import List, Sequence
 
@@ -25,6 +24,8 @@ from dubber.errors import DubberError
 from dubber.face.crops import CropSpec
 
 PACK_CRF = 16  # x264 quality of the crop videos: about 2 grey levels off, ~0.5 kB a 128 px frame
+PACK_PRESET = "slow"  # written once, carried often: smaller files are worth the encoding time
+PACK_RATE = 25.0  # frames per second the crop videos claim; frames are indexed, never timed
 MEL_LOW, MEL_HIGH = -4.0, 4.0  # the range audio.log_mel normalises to; quantised in 255 steps
 
 
@@ -33,7 +34,7 @@ def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, c
     """Write clips (load_clips dicts holding `specs`, with their audio times) to `folder`. crop_keys:
     the specs whose crops are stored (default all); the transforms of every spec are stored.
     source: where the clips came from, for the meta of what is trained on the pack."""
-    from dubber.media import ffmpeg_exe
+    from dubber.media import VideoWriter
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,16 +42,12 @@ def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, c
     crop_keys = list(crop_keys) or keys
     for key in crop_keys:
         size = clips[0]["crops"][key].shape[1]
-        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo",
-               "-pix_fmt", "rgb24", "-s", f"{size}x{size}", "-framerate", "25", "-i", "-",  # frames, not time
-               "-c:v", "libx264", "-preset", "slow", "-crf", str(PACK_CRF), "-pix_fmt", "yuv444p",
-               str(folder / f"crops_{key}.mp4")]
-        with subprocess.Popen(cmd, stdin=subprocess.PIPE) as proc:
+        # 4:4:4: full-resolution colour (lip colour is what the model must learn)
+        with VideoWriter(folder / f"crops_{key}.mp4", PACK_RATE, size, size, crf=PACK_CRF,
+                         pixel_format="yuv444p", preset=PACK_PRESET) as writer:
             for clip in clips:
-                proc.stdin.write(np.ascontiguousarray(clip["crops"][key]).tobytes())
-            proc.stdin.close()
-            if proc.wait() != 0:
-                raise DubberError("encoding the pack's crops failed", folder)
+                for crop in clip["crops"][key]:
+                    writer.write(crop[:, :, ::-1])  # RGB -> the writer's BGR
     segments, offsets = [], []
     for clip in clips:
         segment, offset = _mel_segment(clip["mels"], clip["times"])
@@ -111,7 +108,7 @@ def _mel_segment(windows: np.ndarray, times_s: np.ndarray):
     [N_MELS, C], each window's first column in it [N]): consecutive windows overlap, so the
     segment is a fraction of their size."""
     width = windows.shape[-1]
-    starts = np.round(np.asarray(times_s, np.float64) * audio.MEL_FPS).astype(np.int64) - width // 2
+    starts = audio.mel_window_starts(times_s, width)
     offsets = starts - starts.min()
     segment = np.full((windows.shape[1], offsets.max() + width), MEL_LOW, np.float32)
     for window, start in zip(windows, offsets):

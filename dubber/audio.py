@@ -5,6 +5,7 @@ Features follow Wav2Lip's spectrogram settings (the DCK paper reuses them): 16 k
 gets the mel window centred on t, which keeps any frame rate (25, 29.97, 30, 60) in sync.
 """
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
@@ -38,27 +39,65 @@ def load_audio(path: Union[str, Path], check_silence: bool = True) -> np.ndarray
     return wav
 
 
-_MEL_BASIS = None
+# Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above.
+SLANEY_HZ_PER_MEL = 200.0 / 3
+SLANEY_LOG_HZ = 1000.0  # Hz where the scale turns logarithmic
+SLANEY_LOG_STEP = np.log(6.4) / 27.0  # log-Hz per mel above it
+
+
+def hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney mel of frequencies in Hz (float64)."""
+    hz = np.asarray(hz, np.float64)
+    log_mel0 = SLANEY_LOG_HZ / SLANEY_HZ_PER_MEL
+    return np.where(hz >= SLANEY_LOG_HZ, log_mel0 + np.log(np.maximum(hz, 1e-12) / SLANEY_LOG_HZ) / SLANEY_LOG_STEP,
+                    hz / SLANEY_HZ_PER_MEL)
+
+
+def mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    """Frequencies in Hz of Slaney mels (float64); inverse of hz_to_mel."""
+    mel = np.asarray(mel, np.float64)
+    log_mel0 = SLANEY_LOG_HZ / SLANEY_HZ_PER_MEL
+    return np.where(mel >= log_mel0, SLANEY_LOG_HZ * np.exp(SLANEY_LOG_STEP * (mel - log_mel0)), mel * SLANEY_HZ_PER_MEL)
+
+
+@lru_cache(maxsize=None)
+def mel_basis() -> np.ndarray:
+    """The mel filter bank: float32 [N_MELS, N_FFT // 2 + 1], triangles on Slaney's scale from FMIN
+    to FMAX, each scaled to unit area (librosa.filters.mel's defaults; a test checks they agree)."""
+    fft_hz = np.linspace(0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(FMIN), hz_to_mel(FMAX), N_MELS + 2))
+    ramps = edges[:, None] - fft_hz[None, :]
+    widths = np.diff(edges)
+    rising, falling = -ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]
+    weights = np.maximum(0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _stft_window() -> np.ndarray:
+    """Periodic Hann window of N_FFT samples (scipy's get_window('hann', N_FFT), as librosa uses)."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
 def log_mel(wav: np.ndarray) -> np.ndarray:
-    """float32 [n] at SAMPLE_RATE -> normalised log-mel spectrogram float32 [N_MELS, T], values in [-4, 4]."""
-    global _MEL_BASIS
-    import librosa
+    """float32 [n] at SAMPLE_RATE -> normalised log-mel spectrogram float32 [N_MELS, T], values in [-4, 4].
 
-    if _MEL_BASIS is None:
-        _MEL_BASIS = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
-    # librosa's centred STFT (zero padding) of the pre-emphasised track, taken MEL_CHUNK frames at a
-    # time: the same numbers (to float rounding, < 1e-6), but neither a copy of the track nor its
-    # [401, T] spectrogram (~50 MB a minute) is ever held whole.
+    Wav2Lip's features (librosa's centred STFT of the pre-emphasised track, Slaney mel bank, dB),
+    computed with numpy: librosa's numbers to float rounding (a test compares them), without the
+    seconds librosa's first call spends importing scipy.signal and numba.
+    """
+    # Taken MEL_CHUNK frames at a time: neither a copy of the track nor its [401, T] spectrogram
+    # (~50 MB a minute) is ever held whole.
     pad = N_FFT // 2
     frames = 1 + len(wav) // HOP_LENGTH
     out = np.empty((N_MELS, frames), np.float32)
+    window, basis = _stft_window(), mel_basis()
     for start in range(0, frames, MEL_CHUNK):
         stop = min(frames, start + MEL_CHUNK)
         segment = _pre_emphasised(wav, start * HOP_LENGTH - pad, (stop - 1) * HOP_LENGTH + N_FFT - pad)
-        spec = np.abs(librosa.stft(segment, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=N_FFT, center=False))
-        mel_db = 20 * np.log10(np.maximum(1e-5, _MEL_BASIS @ spec)) - REF_LEVEL_DB
+        windows = np.lib.stride_tricks.sliding_window_view(segment, N_FFT)[::HOP_LENGTH]
+        spec = np.abs(np.fft.rfft(windows * window, axis=1)).astype(np.float32).T
+        mel_db = 20 * np.log10(np.maximum(1e-5, basis @ spec)) - REF_LEVEL_DB
         out[:, start:stop] = np.clip(8 * (mel_db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - 4, -4, 4)
     return out
 

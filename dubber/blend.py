@@ -27,7 +27,7 @@ the feathered result).
 
 import numpy as np
 
-from dubber.face.align import crop_roi, inverse_affine
+from dubber.face.align import crop_roi, inverse_affine, transform_points
 from dubber.face.landmarks import LOWER_JAW
 
 BLEND_MODES = ("feather", "alpha", "poisson")
@@ -161,6 +161,23 @@ def match_palette(generated: np.ndarray, source: np.ndarray, mask: np.ndarray) -
     return out
 
 
+def mask_roi(matrix: np.ndarray, mask: np.ndarray, width: int, height: int):
+    """Integer frame rectangle (x0, y0, x1, y1) outside which the paste changes nothing: the
+    crop-space support of `mask` (float [S, S]) warped back to the frame, with the bilinear
+    warp's one-pixel reach, clipped to the crop's own rectangle (dubber.face.align.crop_roi).
+    Empty (x1 <= x0) when the mask is zero everywhere."""
+    rows, cols = np.flatnonzero(mask.max(1) > 0), np.flatnonzero(mask.max(0) > 0)
+    if not len(rows):
+        return 0, 0, 0, 0
+    corners = np.array([[cols[0] - 1, rows[0] - 1], [cols[-1] + 2, rows[0] - 1],
+                        [cols[0] - 1, rows[-1] + 2], [cols[-1] + 2, rows[-1] + 2]], np.float32)
+    points = transform_points(corners, inverse_affine(matrix))
+    x0, y0 = np.floor(points.min(0)).astype(int) - 2
+    x1, y1 = np.ceil(points.max(0)).astype(int) + 2
+    cx0, cy0, cx1, cy1 = crop_roi(matrix, mask.shape[0], width, height)
+    return max(x0, cx0), max(y0, cy0), min(x1, cx1), min(y1, cy1)
+
+
 def paste_back(frame: np.ndarray, source_crop: np.ndarray, generated_crop: np.ndarray, matrix: np.ndarray,
                mask: np.ndarray, mode: str = "feather", colour_match: bool = True) -> np.ndarray:
     """Blend a generated crop into its frame.
@@ -174,8 +191,7 @@ def paste_back(frame: np.ndarray, source_crop: np.ndarray, generated_crop: np.nd
     if mode not in BLEND_MODES:
         raise ValueError(f"unknown blend mode {mode!r}")
     h, w = frame.shape[:2]
-    size = source_crop.shape[0]
-    x0, y0, x1, y1 = crop_roi(matrix, size, w, h)
+    x0, y0, x1, y1 = mask_roi(matrix, mask, w, h)
     out = frame.copy()
     if x1 <= x0 or y1 <= y0:
         return out

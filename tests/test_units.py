@@ -46,6 +46,24 @@ def test_log_mel_shape_and_range():
     assert mel.min() >= -4 and mel.max() <= 4 and mel.max() > 0
 
 
+def test_log_mel_equals_librosa():
+    """audio.log_mel computes Wav2Lip's features with numpy; librosa's STFT and mel bank are the reference."""
+    librosa = pytest.importorskip("librosa")
+    basis = librosa.filters.mel(sr=audio.SAMPLE_RATE, n_fft=audio.N_FFT, n_mels=audio.N_MELS, fmin=audio.FMIN,
+                                fmax=audio.FMAX)
+    assert np.abs(audio.mel_basis() - basis).max() < 1e-7
+    rng = np.random.default_rng(0)
+    wav = (0.1 * rng.standard_normal(audio.SAMPLE_RATE * 2) * np.sin(np.linspace(0, 20, audio.SAMPLE_RATE * 2)))
+    wav = wav.astype(np.float32)
+    pad = audio.N_FFT // 2
+    frames = 1 + len(wav) // audio.HOP_LENGTH
+    track = audio._pre_emphasised(wav, -pad, (frames - 1) * audio.HOP_LENGTH + audio.N_FFT - pad)
+    spec = np.abs(librosa.stft(track, n_fft=audio.N_FFT, hop_length=audio.HOP_LENGTH, center=False))
+    mel_db = 20 * np.log10(np.maximum(1e-5, basis @ spec)) - audio.REF_LEVEL_DB
+    expected = np.clip(8 * (mel_db - audio.MIN_LEVEL_DB) / -audio.MIN_LEVEL_DB - 4, -4, 4)
+    assert np.abs(audio.log_mel(wav) - expected).max() < 1e-4
+
+
 def test_envelope_rises_with_loudness():
     wav = np.zeros(audio.SAMPLE_RATE, np.float32)
     wav[8000:] = 0.5

@@ -10,6 +10,7 @@ Memory is bounded by one call's frames whatever the length of the stream.
 """
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, List, Optional, Tuple
 
@@ -95,32 +96,46 @@ def apply_backbone(generator: Generator, steps: Iterable[Step], identity: Option
                    batch_frames: int = BATCH_FRAMES) -> Iterator[Tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]]:
     """Yield (payload, crop, generated uint8 BGR [S, S, 3]) for every step in order; crop and
     generated are None for frames without a face. identity: the backbone's identity crop (one per
-    video, dubber.conditioning) or None."""
+    video, dubber.conditioning) or None.
+
+    A stateless backbone's call runs on a worker thread while the caller's loop goes on (the
+    next frames decoded and cropped, the previous ones pasted and encoded): one call in flight at
+    a time, so memory stays at two calls' frames. Torch releases the GIL while it computes. A
+    stateful backbone needs each call's state for the next, so its calls run in turn.
+    """
     backbone = generator.backbone
     window, stride = backbone.window, backbone.window - backbone.overlap
     fade = crossfade_weights(window, backbone.overlap)
     windows_per_call = 1 if backbone.stateful else max(1, batch_frames // window)
     run = _Run()
 
-    def compute(starts: List[int]) -> None:
-        """Run the windows starting at these run indices (padding past the run's end) and
-        accumulate their outputs."""
+    def submit(starts: List[int]):
+        """Start the windows beginning at these run indices (padding past the run's end) on the
+        worker; -> the call's record for `collect`."""
         last = len(run) - 1
-        index = [[min(s + k, last) - run.first for k in range(window)] for s in starts]
-        crops = np.stack([[run.steps[i].crop for i in row] for row in index])
-        mels = np.stack([[run.steps[i].mel for i in row] for row in index])
-        images, run.state = generator(crops, mels, identity, run.state if backbone.stateful else None)
+        index = [[min(s + k, last) for k in range(window)] for s in starts]  # run indices, not list positions:
+        crops = np.stack([[run.steps[i - run.first].crop for i in row] for row in index])  # frames may be
+        mels = np.stack([[run.steps[i - run.first].mel for i in row] for row in index])  # released meanwhile
+        future = worker.submit(generator, crops, mels, identity, run.state if backbone.stateful else None)
+        run.next_start = starts[-1] + stride
+        return index, starts, last, future
+
+    def collect(call) -> int:
+        """Wait for a call and accumulate its outputs; -> run index before which every frame is
+        final (no later window covers it)."""
+        index, starts, last, future = call
+        images, run.state = future.result()
         for row, start, frames in zip(index, starts, images):
             for k, image in enumerate(frames):
                 if start + k > last:
                     break  # padding: trimmed
-                i = row[k]
+                i = row[k] - run.first
                 run.sums[i] = fade[k] * image if run.sums[i] is None else run.sums[i] + fade[k] * image
                 run.weights[i] += float(fade[k])
-        run.next_start = starts[-1] + stride
+        return starts[-1] + stride
 
     def release(upto: int):
-        """Hand back the frames before run index `upto`: no later window covers them."""
+        """Hand back the frames before run index `upto`."""
         count = upto - run.first
         for step, total, weight in zip(run.steps[:count], run.sums[:count], run.weights[:count]):
             generated = np.clip(np.round(total / weight), 0, 255).astype(np.uint8)
@@ -128,24 +143,35 @@ def apply_backbone(generator: Generator, steps: Iterable[Step], identity: Option
         del run.steps[:count], run.sums[:count], run.weights[:count]
         run.first = upto
 
+    in_flight = None  # the stateless call running while the loop goes on
+
     def finish():
-        nonlocal run
+        nonlocal run, in_flight
+        if in_flight is not None:
+            collect(in_flight)
+            in_flight = None
         while run.next_start < len(run) - (window - stride) or run.next_start == 0 and len(run):
             starts = [run.next_start + j * stride for j in range(windows_per_call)]
-            compute([s for s in starts if s == starts[0] or s < len(run) - (window - stride)])
+            collect(submit([s for s in starts if s == starts[0] or s < len(run) - (window - stride)]))
         yield from release(len(run))
         run = _Run()
 
-    for step in steps:
-        if step.crop is None:
-            yield from finish()
-            yield step.payload, None, None
-            continue
-        run.steps.append(step)
-        run.sums.append(None)
-        run.weights.append(0.0)
-        ready = run.next_start + (windows_per_call - 1) * stride + window
-        if len(run) >= ready:
-            compute([run.next_start + j * stride for j in range(windows_per_call)])
-            yield from release(run.next_start)
-    yield from finish()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dubber-model") as worker:
+        for step in steps:
+            if step.crop is None:
+                yield from finish()
+                yield step.payload, None, None
+                continue
+            run.steps.append(step)
+            run.sums.append(None)
+            run.weights.append(0.0)
+            ready = run.next_start + (windows_per_call - 1) * stride + window
+            if len(run) >= ready:
+                call = submit([run.next_start + j * stride for j in range(windows_per_call)])
+                if backbone.stateful:  # the next call needs this one's state
+                    yield from release(collect(call))
+                else:
+                    previous, in_flight = in_flight, call
+                    if previous is not None:
+                        yield from release(collect(previous))
+        yield from finish()

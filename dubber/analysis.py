@@ -4,7 +4,9 @@ The analysis is what `lipsync`, `preprocess` (the cache) and `eval` share: the m
 the frame rate and the face track (landmarks per frame, NaN where no face).
 """
 
-from dataclasses import dataclass, field
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
 
@@ -15,6 +17,9 @@ from dubber.errors import DubberError
 from dubber.face.track import DETECT_EVERY, FaceTrack, track_faces
 
 PathLike = Union[str, Path]
+TRACK_VERSION = 1  # bump when tracking changes what it finds: stored analyses of older trackers are not used
+STORE_ENTRIES = 256  # stored analyses kept (least recently used dropped); ~0.5 kB a frame each
+HASH_CHUNK = 1 << 20  # bytes read at a time when hashing an input
 ProgressHook = Callable[[str, int, Optional[int]], None]  # (stage, advance, total)
 
 
@@ -93,3 +98,75 @@ def _keeping(frames, kept: List[np.ndarray]):
     for frame in frames:
         kept.append(frame)
         yield frame
+
+
+def store_folder() -> Optional[Path]:
+    """Where analyses are kept between runs: $DUBBER_CACHE_DIR/analysis, else
+    $XDG_CACHE_HOME/dubber/analysis, else ~/.cache/dubber/analysis; None when DUBBER_CACHE_DIR is "off"."""
+    root = os.environ.get("DUBBER_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("off", "none", "0", ""):
+        return None
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dubber"
+    return base / "analysis"
+
+
+def content_key(path: PathLike, choice: FaceChoice, first: int, count: Optional[int]) -> str:
+    """sha256 of the file's bytes, the face choice, the part analysed and the tracker version."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(block)
+    digest.update(repr((TRACK_VERSION, sorted(asdict(choice).items()), first, count)).encode())
+    return digest.hexdigest()
+
+
+def analyse_stored(face_path: PathLike, choice: FaceChoice = FaceChoice(),
+                   image_fps: float = media.DEFAULT_IMAGE_FPS, progress: Optional[ProgressHook] = None,
+                   info: Optional[media.MediaInfo] = None, first: int = 0, count: Optional[int] = None,
+                   folder: Optional[Path] = None) -> Analysis:
+    """`analyse`, kept in `folder` (default `store_folder()`) under the input's content key: the
+    second and later dubs of a video (another language, another voice) skip detection and
+    landmarks. A stored analysis that cannot be read is analysed again; one that cannot be
+    written is not an error (the dub does not need it)."""
+    info = info or media.probe(face_path)
+    folder = folder if folder is not None else store_folder()
+    if folder is None:
+        return analyse(face_path, choice, image_fps, progress, info=info, first=first, count=count)
+    path = folder / f"{content_key(info.path, choice, first, count)}.npz"
+    stored = _load_stored(path, info, image_fps)
+    if stored is not None:
+        return stored
+    analysis = analyse(face_path, choice, image_fps, progress, info=info, first=first, count=count)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        track = analysis.track
+        with media.atomic_output(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, fps=analysis.fps, landmarks=track.landmarks, boxes=track.boxes, width=track.width,
+                     height=track.height, faces_seen=track.faces_seen)
+        _prune(folder)
+    except OSError:
+        pass
+    return analysis
+
+
+def _load_stored(path: Path, info: media.MediaInfo, image_fps: float) -> Optional[Analysis]:
+    try:
+        with np.load(path) as data:
+            track = FaceTrack(data["landmarks"], data["boxes"], int(data["width"]), int(data["height"]),
+                              int(data["faces_seen"]))
+            fps = float(data["fps"])
+        os.utime(path)  # recently used: kept by _prune
+    except Exception:  # missing, truncated or from elsewhere: analyse again
+        return None
+    if info.is_image:
+        image = media.read_image(info.path)
+        info.width, info.height = image.shape[1], image.shape[0]
+        return Analysis(info, image_fps, track, image)
+    return Analysis(info, fps, track)
+
+
+def _prune(folder: Path) -> None:
+    """Keep the STORE_ENTRIES most recently used analyses."""
+    entries = sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[STORE_ENTRIES:]:
+        old.unlink(missing_ok=True)

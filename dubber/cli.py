@@ -112,6 +112,9 @@ def lipsync(
     pads: Tuple[int, int, int, int] = typer.Option((0, 0, 0, 0), help="Grow the pasted mouth region by top bottom "
                                                    "left right pixels, negative shrinks (Wav2Lip's --pads)."),
     smooth: bool = typer.Option(True, help="Smooth the face alignment over time (--no-smooth: per-frame, as detected)."),
+    reuse_analysis: bool = typer.Option(True, help="Keep each FACE's face analysis (by its content, in "
+                                                   "~/.cache/dubber or $DUBBER_CACHE_DIR) and reuse it: a second dub "
+                                                   "of a video skips detection."),
     jobs: int = typer.Option(1, help="Parallel jobs for batches (1-64)."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout (batches: one "
@@ -136,7 +139,7 @@ def lipsync(
                              detector=detector, face_index=face_index, voices=voices,
                              face_box=check.face_box("--face-box", face_box), face=chosen, batch_size=batch_size,
                              crf=crf, overwrite=overwrite, start=start, duration=duration, loop=loop, pads=pads,
-                             smooth=smooth)
+                             smooth=smooth, reuse_analysis=reuse_analysis)
     notes = options.check()
     _check_lipsync_adapt(adapt, adapt_steps, adapt_minutes, adapt_out, options)
     if face.is_dir() or face.suffix.lower() == ".csv":

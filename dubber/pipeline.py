@@ -18,7 +18,7 @@ import numpy as np
 
 from dubber import audio, media
 from dubber import options as check
-from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, progress_step
+from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, analyse_stored, progress_step
 from dubber.apply import BATCH_FRAMES, Generator, Step, apply_backbone
 from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone
 from dubber.cache import load_cache
@@ -57,6 +57,7 @@ class LipsyncOptions:
     loop: str = "pingpong"  # speech longer than the video: pingpong, repeat, hold or stretch
     pads: Tuple[int, int, int, int] = (0, 0, 0, 0)  # grow (shrink) the pasted region: top, bottom, left, right px
     smooth: bool = True  # smooth the face alignment over time
+    reuse_analysis: bool = True  # keep each input's face analysis (dubber.analysis.analyse_stored) and reuse it
     voices: Optional[Dict[int, PathLike]] = None  # several speakers: face id (`dubber faces`) -> its speech
 
     @property
@@ -229,8 +230,9 @@ def _analyse(face_path: Path, options: LipsyncOptions, progress: Optional[Progre
     --face-box select no face."""
     try:
         first, count = _segment(info, options) if info is not None else (0, None)
-        return analyse(face_path, options.face_choice, options.fps or media.DEFAULT_IMAGE_FPS, progress,
-                       info=info, first=first, count=count)
+        run = analyse_stored if options.reuse_analysis else analyse
+        return run(face_path, options.face_choice, options.fps or media.DEFAULT_IMAGE_FPS, progress,
+                   info=info, first=first, count=count)
     except DubberError as exc:
         chosen = options.face_index or options.face_box is not None
         if chosen and exc.message.startswith("no face found") and options.face is not None:

@@ -12,6 +12,9 @@ import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No stored face analyses between tests (a test that wants them sets its own folder): every test
+# analyses its inputs, and nothing is written to the user's ~/.cache.
+os.environ["DUBBER_CACHE_DIR"] = "off"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import helpers  # noqa: E402  (registers the identity and shiftmouth backbones)

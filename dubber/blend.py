@@ -2,8 +2,10 @@
 
 The pasted quantity is the generator's *change* to the crop, warped back through the inverse
 alignment: out = F + m·(G↑ − C↑) − m·(1 − k)·(F − C↑), where F is the frame, C the crop the model
-saw, G its output, ↑ the inverse warp, m the mask and k = exp(−|G↑ − C↑| / DETAIL_TAU) keeps the
-frame's own fine detail wherever the model changed little. An unchanged crop therefore returns
+saw, G its output, ↑ the inverse warp, m the mask and k = exp(−|G − C| / DETAIL_TAU) keeps the
+frame's own fine detail wherever the model changed little (k and the products are formed at the
+crop's size and warped back whole: the masks are smooth there, and the frame-sized work stays one
+multiply-add however large the face). An unchanged crop therefore returns
 the frame bit for bit, and resampling never blurs skin the model did not touch.
 
 The mask is always the soft lower-face mask from the landmarks, over mouth and chin: its top
@@ -205,15 +207,19 @@ def paste_back(frame: np.ndarray, source_crop: np.ndarray, generated_crop: np.nd
     back[:, 2] -= np.array([x0, y0])  # crop -> ROI coordinates
     dsize = (x1 - x0, y1 - y0)
     unwarp = lambda image: cv2.warpAffine(image, back, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    delta = unwarp(generated - source)
-    detail = frame[y0:y1, x0:x1].astype(np.float32) - unwarp(source)
-    m = unwarp(np.ascontiguousarray(mask))[..., None]
-    keep_detail = np.exp(-np.abs(delta).mean(-1, keepdims=True) / DETAIL_TAU)
+    # out = F + m·(G↑ − C↑) − w·(F − C↑) with w = m·(1 − k) = F·(1 − w) + [m·(G − C) + w·C]↑: the products
+    # are formed at the crop's size (the masks are smooth there) and two images warped back, so the
+    # frame-sized work is one multiply-add however large the face.
+    change = generated - source
+    keep_detail = np.exp(np.abs(change).mean(-1) * np.float32(-1 / DETAIL_TAU))
+    weight = mask * (1 - keep_detail)
+    pasted = unwarp(mask[..., None] * change + weight[..., None] * source)
+    weight_up = unwarp(np.ascontiguousarray(weight))[..., None]
     roi = frame[y0:y1, x0:x1].astype(np.float32)
-    blended = roi + m * delta - m * (1 - keep_detail) * detail
+    blended = roi * (1 - weight_up) + pasted
     result = np.clip(np.round(blended), 0, 255).astype(np.uint8)
     if mode == "poisson":
-        region = (m[..., 0] > 0.5).astype(np.uint8) * 255
+        region = (unwarp(np.ascontiguousarray(mask)) > 0.5).astype(np.uint8) * 255
         if region.any():
             ys, xs = np.nonzero(region)
             centre = (int(x0 + (xs.min() + xs.max() + 1) // 2), int(y0 + (ys.min() + ys.max() + 1) // 2))

@@ -287,7 +287,7 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
     backbone = resolve_backbone(options, info.is_image)
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
-    generator = Generator(backbone, device, options.half)
+    generator = Generator(backbone, device, options.half, channels_last=True)
     with contextlib.ExitStack() as cleanup:
         if audio_path is None:  # the soundtrack: the voices mixed
             audio_path = cleanup.enter_context(media.mixed_audio(list(voices.values())))

@@ -1,10 +1,11 @@
 """The one core every command shares: stream frames, detect and align, run the backbone, blend, encode.
 
 Two passes over a video: `analyse` decodes once to track the face (landmarks are small, so the
-whole track is kept and smoothed with look-ahead), then `lipsync` decodes again and streams
-frames through crop -> backbone (dubber.apply: windows, state, gaps) -> paste-back -> encoder.
-Memory is bounded by one backbone call's frames whatever the length; the analysis is the same one
-the preprocess cache (dubber.cache) stores.
+whole track is kept and smoothed with look-ahead; stored by content, so a second dub of the video
+skips it), then `lipsync` decodes again and streams frames through crop -> backbone
+(dubber.apply: windows, state, gaps; the model's calls on a worker thread) -> paste-back ->
+encoder. Memory is bounded by two backbone calls' frames whatever the length; the analysis is the
+same one the preprocess cache (dubber.cache) stores.
 """
 
 import contextlib

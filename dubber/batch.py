@@ -1,20 +1,26 @@
 """Batch dubbing: many (face, audio) pairs from two folders or a CSV manifest, failures isolated.
 
 Pairs are matched by file stem. Finished outputs are skipped, so an interrupted batch resumes
-where it stopped; one bad item is reported and the others still run.
+where it stopped; one bad item is reported and the others still run. A failed item runs once
+more before it is reported as failed. The jobs run here (one process, or a pool of them) or as
+Ray tasks (dubber.batch_ray); both go through the same skip and retry rules (`run_jobs`).
 """
 
 import csv
 import dataclasses
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Tuple
 
 from dubber import media
 from dubber.errors import DubberError
 from dubber.pipeline import LipsyncOptions, lipsync
+
+# A failed item runs once more: its worker may have died for reasons outside the item (memory, a
+# lost node) or a shared filesystem may have lagged; an item failing twice is reported.
+RETRIES = 1
 
 
 @dataclass
@@ -30,6 +36,10 @@ class JobResult:
     status: str  # "done", "skipped", "failed"
     message: str = ""
     seconds: float = 0.0
+    attempts: int = 0  # runs it took (0: skipped)
+
+
+ResultHook = Optional[Callable[[JobResult], None]]
 
 
 def plan_from_folders(faces: Path, audios: Path, out_dir: Path) -> List[Job]:
@@ -62,7 +72,8 @@ def plan_from_manifest(manifest: Path, out_dir: Optional[Path]) -> List[Job]:
     return jobs
 
 
-def _run_one(job: Job, options: LipsyncOptions, threads: int) -> JobResult:
+def run_one(job: Job, options: LipsyncOptions, threads: int) -> JobResult:
+    """Dub one job with `threads` torch threads; any failure becomes a "failed" result."""
     import torch
 
     torch.set_num_threads(threads)
@@ -77,29 +88,66 @@ def _run_one(job: Job, options: LipsyncOptions, threads: int) -> JobResult:
         return JobResult(job, "failed", f"{job.face}: unexpected {type(exc).__name__}: {exc}")
 
 
-def run_batch(jobs: List[Job], options: LipsyncOptions, workers: int = 1,
-              on_result: Optional[Callable[[JobResult], None]] = None) -> List[JobResult]:
-    """Run jobs (in `workers` processes when > 1); existing outputs are skipped unless options.overwrite."""
-    results: List[JobResult] = []
+def run_jobs(jobs: List[Job], overwrite: bool, submit: Callable[[Job], Hashable],
+             finished: Callable[[Dict[Hashable, Job]], Iterable[Tuple[Hashable, JobResult]]],
+             on_result: ResultHook = None, on_retry: ResultHook = None) -> List[JobResult]:
+    """The rules every runner shares: existing outputs are skipped (unless `overwrite`), temporaries a
+    killed run left are removed before a job (re)starts, and a failed job runs once more (RETRIES).
+
+    submit(job) starts a job and returns a handle; finished({handle: job} of those running) blocks
+    until at least one is done and yields (handle, JobResult) for them. on_result gets each final
+    result as it comes (skipped ones first), on_retry each failure that is tried again; the list
+    returned is in the order of `jobs`.
+    """
+    results: Dict[int, JobResult] = {}
     todo = []
-    for job in jobs:
-        if job.output.exists() and not options.overwrite:
-            result = JobResult(job, "skipped", "output exists")
-            results.append(result)
-            on_result and on_result(result)
+    for index, job in enumerate(jobs):
+        if job.output.exists() and not overwrite:
+            results[index] = JobResult(job, "skipped", "output exists")
+            on_result and on_result(results[index])
         else:
-            todo.append(job)
+            todo.append((index, job))
+    media.remove_partials(job.output for _, job in todo)  # left by an interrupted earlier run
+    running: Dict[Hashable, Job] = {}
+    tries: Dict[Hashable, Tuple[int, int]] = {}  # handle -> (index in jobs, attempt)
+    for index, job in todo:
+        handle = submit(job)
+        running[handle], tries[handle] = job, (index, 1)
+    while running:
+        for handle, result in list(finished(dict(running))):
+            job, (index, attempt) = running.pop(handle), tries.pop(handle)
+            result.attempts = attempt
+            if result.status == "failed":
+                media.remove_partials([job.output])  # a worker that died mid-write could not
+            if result.status == "failed" and attempt <= RETRIES:
+                on_retry and on_retry(result)
+                handle = submit(job)
+                running[handle], tries[handle] = job, (index, attempt + 1)
+            else:
+                results[index] = result
+                on_result and on_result(result)
+    return [results[index] for index in range(len(jobs))]
+
+
+def run_batch(jobs: List[Job], options: LipsyncOptions, workers: int = 1, on_result: ResultHook = None,
+              on_retry: ResultHook = None) -> List[JobResult]:
+    """Run jobs here, in `workers` processes when > 1 (see run_jobs for the rules)."""
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     if workers <= 1:
-        for job in todo:
-            result = _run_one(job, options, threads)
-            results.append(result)
-            on_result and on_result(result)
-        return results
+        def submit(job: Job):
+            return object()  # run when finished() asks, so results arrive one by one
+
+        def finished(running: Dict[Hashable, Job]):
+            handle, job = next(iter(running.items()))
+            yield handle, run_one(job, options, threads)
+
+        return run_jobs(jobs, options.overwrite, submit, finished, on_result, on_retry)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_run_one, job, options, threads) for job in todo]
-        for future in as_completed(futures):
-            result = future.result()
-            results.append(result)
-            on_result and on_result(result)
-    return results
+        def submit(job: Job):
+            return pool.submit(run_one, job, options, threads)
+
+        def finished(running: Dict[Hashable, Job]):
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            return [(future, future.result()) for future in done]
+
+        return run_jobs(jobs, options.overwrite, submit, finished, on_result, on_retry)

@@ -116,6 +116,11 @@ def lipsync(
                                                    "~/.cache/dubber or $DUBBER_CACHE_DIR) and reuse it: a second dub "
                                                    "of a video skips detection."),
     jobs: int = typer.Option(1, help="Parallel jobs for batches (1-64)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
+                                      help="Run a batch's jobs as Ray tasks: local (a Ray started for the run), "
+                                           "auto (the cluster this machine is in) or HOST:PORT / ray://HOST:PORT."),
+    ray_cpus: Optional[float] = typer.Option(None, help="CPUs each --ray task reserves (default 1)."),
+    ray_gpus: Optional[float] = typer.Option(None, help="GPUs each --ray task reserves (default 0; 0.5 shares one)."),
     overwrite: bool = typer.Option(False, help="Replace existing outputs."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout (batches: one "
                                                            "object per item)."),
@@ -142,13 +147,15 @@ def lipsync(
                              smooth=smooth, reuse_analysis=reuse_analysis)
     notes = options.check()
     _check_lipsync_adapt(adapt, adapt_steps, adapt_minutes, adapt_out, options)
-    if face.is_dir() or face.suffix.lower() == ".csv":
+    is_batch = face.is_dir() or face.suffix.lower() == ".csv"
+    on_ray = _check_lipsync_ray(ray, ray_cpus, ray_gpus, jobs, is_batch, options)
+    if is_batch:
         if voices:
             raise check.OptionError("--face", face_id[0], "ID=AUDIO dubs the people of one video; FACE is a batch")
         if adapt:
             raise check.OptionError("--adapt", face, "adapts to one video; FACE is a batch")
         check.number("--jobs", jobs, 1, 64, what="parallel jobs")
-        _lipsync_batch(face, audio, output, options, jobs, quiet, notes, json_output)
+        _lipsync_batch(face, audio, output, options, jobs, quiet, notes, json_output, on_ray)
         return
     if audio is None and not voices:
         _fail("AUDIO is required unless FACE is a folder or a CSV manifest, or each face has its speech "
@@ -221,6 +228,26 @@ def _adapted(adapt: bool, face: Path, audio: Optional[Path], output: Path, optio
         yield
 
 
+def _check_lipsync_ray(address: Optional[str], cpus: Optional[float], gpus: Optional[float], jobs: int,
+                       is_batch: bool, options) -> Optional[dict]:
+    """The --ray options -> batch_ray.run_batch's settings (None without --ray)."""
+    for option, value in (("--ray-cpus", cpus), ("--ray-gpus", gpus)):
+        if value is not None and address is None:
+            raise check.OptionError(option, value, "applies with --ray")
+    if address is None:
+        return None
+    if not is_batch:
+        raise check.OptionError("--ray", address, "runs batches: FACE must be a folder or a CSV manifest")
+    if jobs != 1:
+        raise check.OptionError("--jobs", jobs, "does not apply with --ray: as many jobs run at once as the Ray "
+                                "cluster's CPUs and GPUs allow (see --ray-cpus, --ray-gpus)")
+    from dubber import batch_ray
+
+    settings = dict(address=address, cpus=1.0 if cpus is None else cpus, gpus=0.0 if gpus is None else gpus)
+    batch_ray.check(settings["address"], settings["cpus"], settings["gpus"], options.device, options.half)
+    return settings
+
+
 def _parse_faces(values: List[str]):
     """--face values -> (one face id or None, {id: speech path} or None): `ID` once, or `ID=AUDIO` repeated."""
     chosen, voices = None, {}
@@ -240,7 +267,10 @@ def _parse_faces(values: List[str]):
 
 
 def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, workers: int, quiet: bool,
-                   notes: List[str], json_output: bool = False):
+                   notes: List[str], json_output: bool = False, on_ray: Optional[dict] = None):
+    import contextlib
+    import io
+
     from rich.table import Table
     from rich.text import Text
 
@@ -260,25 +290,43 @@ def _lipsync_batch(face: Path, audio: Optional[Path], output: Path, options, wor
         quiet or typer.echo(f"note: {note}", err=True)
     output.mkdir(parents=True, exist_ok=True)
     console = _stderr_console()
-    log = (lambda r: None) if quiet else (lambda r: console.print(f"[{r.status}] {r.job.face.name}: {r.message}",
-                                                                   markup=False, highlight=False))
-    results = batch.run_batch(jobs, options, workers, log)
+    def log(result, status=None):
+        quiet or console.print(f"[{status or result.status}] {result.job.face.name}: {result.message}",
+                               markup=False, highlight=False)
+
+    with _progress(quiet) as hook:
+        def on_result(result):
+            log(result)
+            hook and hook("jobs", 1, len(jobs))
+
+        def on_retry(result):
+            log(result, "retry")
+
+        if on_ray is None:
+            results = batch.run_batch(jobs, options, workers, on_result, on_retry)
+        else:
+            from dubber import batch_ray
+
+            # Ray's driver prints cluster events (a worker that died) on stdout, which holds results only
+            with contextlib.redirect_stdout(io.StringIO() if quiet else sys.stderr):
+                results = batch_ray.run_batch(jobs, options, **on_ray, on_result=on_result, on_retry=on_retry)
     failed = sum(r.status == "failed" for r in results)
     if json_output:
         import json
 
         typer.echo(json.dumps([{"face": str(r.job.face), "audio": str(r.job.audio), "output": str(r.job.output),
-                                "status": r.status, "detail": r.message, "seconds": r.seconds} for r in results],
-                              indent=2))
+                                "status": r.status, "detail": r.message, "seconds": r.seconds,
+                                "attempts": r.attempts} for r in results], indent=2))
         if failed:
             _fail(f"{failed} of {len(results)} items failed")
         return
     table = Table(title="dubber batch")
-    for column in ("face", "audio", "output", "status", "detail"):
+    for column in ("face", "audio", "output", "status", "detail", "tries"):
         table.add_column(column)
     for r in results:
         # Text, not markup: file names and messages may hold [brackets]
-        table.add_row(*(Text(str(v)) for v in (r.job.face.name, r.job.audio.name, r.job.output, r.status, r.message)))
+        table.add_row(*(Text(str(v)) for v in (r.job.face.name, r.job.audio.name, r.job.output, r.status, r.message,
+                                               r.attempts or "")))
     from rich.console import Console
 
     Console().print(table)

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -33,6 +33,8 @@ VIDEO_PRESET = "veryfast"
 AUDIO_BITRATE = "160k"
 SEEK_BLOCK = 64  # frames decoded per seek when a video plays backwards (ping-pong)
 PIPE_YUV = "yuv420p"  # raw frame format on the pipes when both sides are even (see the module docstring)
+PARTIAL = ".partial"  # atomic_output's temporaries: .STEM.XXXXXXXX.partial.SUFFIX beside the output
+_PARTIAL_NAME = re.compile(r"^\.(?P<stem>.+)\.[a-z0-9_]{8}" + re.escape(PARTIAL) + r"(?P<suffix>(\.[^.]*)?)$")
 
 PathLike = Union[str, Path]
 
@@ -320,7 +322,7 @@ def check_output(path: PathLike, inputs: Sequence[PathLike] = (), overwrite: boo
 def atomic_output(path: PathLike):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{PARTIAL}{path.suffix}", dir=path.parent or ".")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -329,6 +331,22 @@ def atomic_output(path: PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_partials(paths: Iterable[PathLike]) -> None:
+    """Delete the temporaries atomic_output left beside these outputs: a process killed mid-write
+    (a batch worker that died) cannot remove its own. One listing per folder."""
+    by_folder: dict = {}
+    for path in map(Path, paths):
+        by_folder.setdefault(path.parent, set()).add((path.stem, path.suffix))
+    for folder, names in by_folder.items():
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            stale = [e.path for e in entries if (m := _PARTIAL_NAME.match(e.name)) and (m["stem"], m["suffix"]) in names]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def _umask() -> int:

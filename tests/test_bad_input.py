@@ -420,10 +420,12 @@ def test_batch_manifest_with_one_bad_row(base, tmp_path):
     out = tmp_path / "out"
     before = helpers.tree_hashes(tmp_path)
 
-    # Not quiet: the per-item log lines keep their [status] tag.
+    # Not quiet: the per-item log lines keep their [status] tag; a bar counts the items.
     code, stdout, stderr = helpers.run_cli(["lipsync", manifest, "-o", out, "--backbone", "identity"])
-    assert "[done] good.mp4" in stderr and "[failed] missing.mp4" in stderr
-    stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith("["))
+    assert "[done] good.mp4" in stderr and "[retry] missing.mp4" in stderr and "[failed] missing.mp4" in stderr
+    bars = [line for line in stderr.splitlines() if line.strip().startswith("jobs ")]
+    assert bars and bars[-1].split()[-2] == "3/3", stderr
+    stderr = "\n".join(line for line in stderr.splitlines() if not line.startswith("[") and line not in bars)
     _batch_check(code, stdout, stderr, ["good.mp4"], "missing.mp4", "done")
     assert sorted(p.name for p in out.iterdir()) == ["first.mp4", "third.mp4"]
 

@@ -2,8 +2,8 @@
 trains as one process with the doubled batch, resumes across process counts, keeps the processes of
 a GAN recipe identical, and `torchrun -m dubber train` writes one model and prints once.
 
-The launches run tests/distributed_worker.py (or the CLI) in real processes; a few steps of tiny
-models, so the whole module takes seconds.
+Two launches, each in real processes: tests/distributed_worker.py for the comparisons (a few
+steps of tiny models), and the CLI on a tiny corpus.
 """
 
 import json
@@ -21,10 +21,11 @@ from dubber.errors import DubberError
 from dubber.train.loop import checkpoint_path_for, train
 from dubber.train.recipes import recipe_for
 
-from test_train_eval_e2e import corpus  # noqa: F401 (the tiny corpus, a fixture)
+import test_train_eval_e2e
 
 torch.set_num_threads(1)
 
+corpus = test_train_eval_e2e.corpus  # the fixture: a tiny corpus in ../shared/data's layout
 WORKER = Path(__file__).with_name("distributed_worker.py")
 PROCESSES = 2
 BATCH = 4  # per process
@@ -107,7 +108,8 @@ def test_two_processes_train_as_one_with_the_doubled_batch(runs, tmp_path):
     assert differs(two, trained_state(tmp_path / "toy.pt"))
     # Process 0 alone logs and writes; the file says how it was trained.
     assert launched.stdout.count(f"wrote {root / 'two' / 'toy.pt'}") == 1
-    assert {p.name for p in (root / "two").iterdir()} == {"toy.pt", "toy.train.pt", "toy.pt.rank0.pt", "toy.pt.rank1.pt"}
+    written = {p.name for p in (root / "two").iterdir()}
+    assert written == {"toy.pt", "toy.train.pt", "toy.pt.rank0.pt", "toy.pt.rank1.pt"}  # the last two: the worker's
     meta = torch.load(root / "two" / "toy.pt", weights_only=True)["meta"]
     assert meta["processes"] == PROCESSES and meta["recipe"]["batch_size"] == BATCH
 

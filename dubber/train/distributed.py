@@ -13,13 +13,14 @@ to float summation order, except for BatchNorm, below):
   gradients over the processes during backward: the mean over processes of the gradients of the
   B-row mean losses is the gradient of the N*B-row mean loss. A discriminator is a module like
   any other: each optimiser steps on gradients averaged over the processes.
-- BatchNorm normalises each process's B rows (no SyncBatchNorm: it would add a collective per
-  layer, and gloo has none), and its running statistics are process 0's (DDP broadcasts buffers).
+- BatchNorm normalises each process's B rows (no SyncBatchNorm: it runs on GPUs only and adds a
+  collective per layer), and its running statistics are process 0's (DDP broadcasts buffers).
 - process 0 alone logs, validates, writes checkpoints and the shipped file. What stops a run (the
   validation patience, the time budget) is process 0's decision, broadcast (`main_decides`), so
   every process stops after the same step.
-- a checkpoint holds the modules and optimisers unwrapped, as one process writes them, so a run
-  resumes on any number of processes (at N'*B per step).
+- a checkpoint holds the modules and optimisers unwrapped, as one process writes them, and the
+  step's batch N*B: a run resumes on any number N' of processes with batch_size N*B/N' (the loop
+  refuses another step's batch, as it refuses other hyperparameters).
 
 The processes must see the same files (one machine, or a shared filesystem): process 0 builds the
 preprocess cache while the others wait, and all of them read the checkpoint to resume from.
@@ -53,7 +54,7 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def main_only(log: Callable[[str], None], progress: Optional[Callable]) -> Tuple[Callable[[str], None], Optional[Callable]]:
+def main_only(log: Callable[[str], None], progress: Optional[Callable]) -> Tuple[Callable, Optional[Callable]]:
     """(log, progress) in process 0, no-ops in the others: a run is reported once."""
     return (log, progress) if is_main() else ((lambda message: None), None)
 

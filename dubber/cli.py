@@ -462,7 +462,7 @@ def train(
     import datetime
     import json
 
-    from dubber.train import train_from_corpus
+    from dubber.train import distributed, train_from_corpus
 
     _check_train(backbone, data, cache, out, force, steps, batch_size, device, grid_every, sync_expert, val_every,
                  patience, log_every, checkpoint_every, workers)
@@ -485,14 +485,18 @@ def train(
             hyperparameters[key] = value  # anything else is a string (a path)
     if out is None:
         out = Path("runs") / f"{backbone}-{datetime.datetime.now():%Y%m%d-%H%M%S}" / f"{backbone}.pt"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # under torchrun, process 0 alone reports and writes
+    quiet = quiet or not main
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
     log = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
     with _progress(quiet) as hook:
         written = train_from_corpus(backbone, data, cache, out, steps, batch_size, device, grid_every, resume,
                                     sync_expert, val_every, patience, log_every, checkpoint_every, workers,
                                     hyperparameters=hyperparameters, offsets=offsets, log=log, progress=hook,
                                     max_seconds=minutes * 60 if minutes else None, pack=pack)
-    typer.echo(str(written))
+    if main:
+        typer.echo(str(written))
 
 
 @app.command()

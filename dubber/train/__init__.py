@@ -27,20 +27,23 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     ("val_select"); the test half is never looked at here. max_seconds: a training-time budget
     (dubber.train.loop.train). pack: train on a pack (dubber.train.pack, written from this corpus,
     e.g. to carry to a GPU machine) instead of data_root and the cache; a pack holds no
-    landmarks, so there is no validation.
+    landmarks, so there is no validation. Under torchrun (dubber.train.distributed) process 0
+    builds the cache while the others wait, and reports alone.
     """
     from dubber import data
+    from dubber.train import distributed
     from dubber.train.loop import train
     from dubber.train.recipes import recipe_for
 
     data_root = Path(data_root)
+    log, progress = distributed.main_only(log, progress)
     if pack is not None:
         return _train_from_pack(name, Path(pack), out_path, steps, device, resume, log_every, checkpoint_every,
                                 _overrides(batch_size, sync_expert, hyperparameters), seed, log, progress, max_seconds)
     if not data_root.is_dir():
         raise DubberError("training data folder not found", data_root)
     recipe = recipe_for(name, **_overrides(batch_size, sync_expert, hyperparameters))
-    device = _torch_device(device)
+    device = distributed.join(_torch_device(device))
 
     table = None
     if offsets is not None:
@@ -51,7 +54,8 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     val_items = _spread(data.corpus(data_root, "val_select", offsets=table), VAL_CLIPS) if val_every else []
     specs = list(recipe.crops())
     log(f"{len(items)} training files, {len({i['identity'] for i in items})} identities; caching to {cache_dir}")
-    data.build_cache(items + val_items, cache_dir, specs, workers=workers, progress=progress, log=log)
+    distributed.run_on_main(lambda: data.build_cache(items + val_items, cache_dir, specs, workers=workers,
+                                                     progress=progress, log=log))
     clips = data.load_clips(items, cache_dir, specs)
     val_clips = data.load_clips(val_items, cache_dir, specs) if val_items else []
     log(f"{len(clips)} clips, {sum(len(c['mels']) for c in clips)} frames; {len(val_clips)} validation clips")

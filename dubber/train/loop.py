@@ -7,7 +7,9 @@ the loop owns the rest:
   steps, at the end and on Ctrl-C;
 - logging with progress and ETA; periodic validation on held-out clips; early stopping and the
   choice of the shipped step on the recipe's validation metric;
-- the shipped file: the selected model with its recipe, data, steps, hardware and figures in meta.
+- the shipped file: the selected model with its recipe, data, steps, hardware and figures in meta;
+- several processes under torchrun (dubber.train.distributed): process 0 logs, validates and
+  writes; every process trains its shard of the step's batch.
 """
 
 import copy
@@ -20,6 +22,7 @@ import torch
 
 from dubber.checkpoint import save_atomic, save_model
 from dubber.errors import DubberError
+from dubber.train import distributed
 from dubber.train.recipes import Recipe
 from dubber.train.sampler import IdentitySampler
 
@@ -71,9 +74,13 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
     recipe.select_metric; patience > 0 stops after that many validations without improvement.
     max_seconds stops after the step that reaches that much training time in this call (a time
     budget, e.g. a borrowed GPU's minutes); the state is saved, so a later call continues.
+    Under torchrun each of N processes trains B = the recipe's batch_size rows of a step's N*B
+    (dubber.train.distributed); only process 0 logs and writes files.
     Returns the logged history (mean losses per log_every steps, and the validations).
     """
-    device = torch.device(device)
+    device = distributed.join(torch.device(device))
+    main = distributed.is_main()
+    log, progress = distributed.main_only(log, progress)
     out_path = Path(out_path)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else checkpoint_path_for(out_path)
     sampler = IdentitySampler(clips, recipe.anchors, recipe.identity_power)
@@ -85,15 +92,22 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
     if resume and checkpoint_path.is_file():
         _load(checkpoint_path, recipe, modules, optimizers, state)
         log(f"resumed from {checkpoint_path} at step {state['step']}")
+    distributed.check_same(state["step"], "step to resume from", device)
     for module in modules.values():
         module.to(device).train()
     _optimizers_to(optimizers, device)
+    trained = {name: distributed.wrap(module, device) for name, module in recipe.trained(modules).items()}
+    if distributed.world_size() > 1:
+        log(f"{distributed.world_size()} processes, {device.type}: a step's batch is each process's batch_size "
+            f"times {distributed.world_size()}")
 
     def save():
+        if not main:
+            return
         save_atomic({
             "format": TRAIN_FORMAT, "recipe": recipe.model, "hyperparameters": recipe.hyperparameters(),
             "seed": seed, "step": state["step"], "history": state["history"], "best": state["best"],
-            "since_best": state["since_best"],
+            "since_best": state["since_best"], "processes": distributed.world_size(),
             "kwargs": {name: dict(getattr(m, "init_kwargs", {})) for name, m in modules.items()},
             "modules": {name: m.state_dict() for name, m in modules.items()},
             "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
@@ -112,7 +126,7 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
                 step = state["step"]
                 rng = np.random.default_rng([seed, step])
                 torch.manual_seed(_torch_seed(seed, step))
-                losses = recipe.train_step(modules, optimizers, sampler, rng, step, device)
+                losses = recipe.train_step(trained, optimizers, sampler, rng, step, device)
                 state["step"] = step = step + 1
                 advance(1)
                 if step == steps - total + 1 and total > 1:  # the first step of this run: an estimate
@@ -127,15 +141,17 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
                 counted += 1
                 if step % log_every == 0 or step == steps:
                     seconds = (time.perf_counter() - tic) / counted
-                    means = {key: value / counted for key, value in totals.items()}
+                    means = distributed.mean({key: value / counted for key, value in totals.items()}, device)
                     state["history"].append({"step": step, "s_per_step": seconds, **means})
                     eta = (steps - step) * (time.perf_counter() - started) / max(step - (steps - total), 1)
                     log(f"step {step}/{steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
                         + f"  {seconds:.2f} s/step  eta {_duration(eta)}")
                     totals, counted, tic = {}, 0, time.perf_counter()
                 if val_clips and val_every and (step % val_every == 0 or step == steps):
-                    stopped_early = _validate(recipe, modules, val_clips, device, state, patience, log)
-                out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds and step < steps
+                    stopped_early = main and _validate(recipe, modules, val_clips, device, state, patience, log)
+                    stopped_early = distributed.main_decides(stopped_early, device)
+                out_of_time = (max_seconds is not None and step < steps
+                               and distributed.main_decides(time.perf_counter() - started >= max_seconds, device))
                 if step % checkpoint_every == 0 or step == steps or stopped_early or out_of_time:
                     save()
                 if stopped_early:
@@ -148,6 +164,8 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
         save()
         log(f"interrupted: training state saved at step {state['step']} ({checkpoint_path}); rerun to resume")
         raise
+    if not main:
+        return state["history"]
     model = modules["model"]
     best = state["best"]
     if best is not None:
@@ -165,6 +183,7 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
         "seed": seed,
         "losses": {k: v for k, v in state["history"][-1].items() if k != "step"} if state["history"] else {},
         "hardware": hardware_description(device),
+        "processes": distributed.world_size(),
     }
     save_model(model.cpu().eval(), out_path, meta=meta, half=recipe.ship_half)
     model.meta = meta
@@ -205,7 +224,17 @@ def _load(path: Path, recipe: Recipe, modules, optimizers, state) -> None:
     if not isinstance(saved, dict) or saved.get("format") != TRAIN_FORMAT or saved.get("recipe") != recipe.model:
         raise DubberError(f"not a training checkpoint of {recipe.model!r}", path)
     kwargs = {name: dict(getattr(m, "init_kwargs", {})) for name, m in modules.items()}
-    if saved["hyperparameters"] != recipe.hyperparameters() or saved["kwargs"] != kwargs:
+    saved_settings = _step_settings(saved["hyperparameters"], saved.get("processes", 1))
+    settings = _step_settings(recipe.hyperparameters(), distributed.world_size())
+    if saved_settings != settings or saved["kwargs"] != kwargs:
+        if saved["kwargs"] == kwargs and {**saved_settings, "batch_size": 0} == {**settings, "batch_size": 0}:
+            batch, world = saved_settings["batch_size"], distributed.world_size()
+            advice = (f"pass --batch-size {batch // world}" if batch % world == 0 else
+                      f"it does not split over {world} processes")
+            raise DubberError(f"checkpoint was trained with {batch} samples a step "
+                              f"({saved.get('processes', 1)} process(es) of batch_size "
+                              f"{saved['hyperparameters']['batch_size']}); on {world} process(es) {advice}, "
+                              "or delete it or pass --no-resume", path)
         raise DubberError("checkpoint was trained with other settings; delete it or pass --no-resume", path)
     for name, module in modules.items():
         module.load_state_dict(saved["modules"][name])
@@ -213,6 +242,15 @@ def _load(path: Path, recipe: Recipe, modules, optimizers, state) -> None:
         optimizer.load_state_dict(saved["optimizers"][name])
     for key in ("step", "history", "best", "since_best"):
         state[key] = saved[key]
+
+
+def _step_settings(hyperparameters: Dict[str, object], processes: int) -> Dict[str, object]:
+    """The hyperparameters a resumed run must keep, batch_size as a step's batch over all processes
+    (a run resumes on any number of processes that share it out)."""
+    settings = dict(hyperparameters)
+    if "batch_size" in settings:
+        settings["batch_size"] = settings["batch_size"] * processes
+    return settings
 
 
 def _optimizers_to(optimizers, device: torch.device) -> None:

@@ -85,9 +85,18 @@ class Recipe:
         """Frames of a clip a sample may be built around (see dubber.train.sampler)."""
         raise NotImplementedError
 
+    def trained(self, modules: Dict[str, torch.nn.Module]) -> Dict[str, torch.nn.Module]:
+        """The modules train_step is given, by name: `modules` unless train_step calls one through
+        other methods than forward. On several processes the loop wraps each in
+        DistributedDataParallel, which averages the gradients of what runs through forward() only."""
+        return modules
+
     def train_step(self, modules, optimizers, sampler, rng: np.random.Generator, step: int,
                    device: torch.device) -> Dict[str, float]:
-        """Draw a batch with `rng`, take the optimiser steps, return the losses."""
+        """Draw a batch with `rng`, take the optimiser steps, return the losses. `modules` are
+        trained(...)'s, to be called (forward) and nothing else. Under torchrun each of N processes
+        draws the whole step's batch of N * batch_size alike and trains on its own rows
+        (dubber.train.distributed.shard)."""
         raise NotImplementedError
 
     def validate(self, modules, clips: Sequence[dict], device: torch.device) -> Dict[str, float]:

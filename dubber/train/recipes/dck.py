@@ -27,6 +27,7 @@ from dubber.backbones.dck import DCK, SIZE
 from dubber.backbones.syncnet import FACE_CROP, MOUTH_FRAMES, MOUTH_H
 from dubber.face.align import compose_affine, inverse_affine
 from dubber.face.crops import CROP_BOX, CropSpec
+from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
 from dubber.train.discriminators import PatchDiscriminator
 from dubber.train.recipes import Recipe, recipe
@@ -96,10 +97,11 @@ class DCKRecipe(Recipe):
     def draw(self, sampler, rng: np.random.Generator):
         """-> images uint8 RGB [N, 3, S, S, 3] (target, identity frame, mouth donor), mels
         [N, 80, W] and, with a sync expert, the targets' crop->expert-view affines [N, 2, 3].
-        N = rows * window; each run of `window` rows is consecutive frames of one clip."""
+        N = rows * window; each run of `window` rows is consecutive frames of one clip. Under
+        torchrun N is the step's batch, over all processes (dubber.train.distributed)."""
         key = CropSpec(CROP_BOX, self.size).key
         images, mels, geometry = [], [], []
-        for _ in range(max(1, self.batch_size // self.window)):
+        for _ in range(max(1, self.batch_size // self.window) * distributed.world_size()):
             index, start = sampler.draw(rng)
             clip = sampler.clips[index]
             crops = clip["crops"][key]
@@ -131,7 +133,7 @@ class DCKRecipe(Recipe):
 
     def train_step(self, modules, optimizers, sampler, rng, step, device):
         model, disc = modules["model"], modules["disc"]
-        batch = self.batch(sampler, rng, device)
+        batch = {name: distributed.shard(rows) for name, rows in self.batch(sampler, rng, device).items()}
         targets = batch["targets"]
         adversarial = step >= self.adv_start
         generated = model(targets[:, None], batch["mels"][:, None], batch["references"],

@@ -22,6 +22,7 @@ from dubber.backbones.syncnet import (BASE_CHANNELS, EMBED_DIM, FACE_CROP, MOUTH
                                       OFFSET_RANGE, SyncNet, mouths_from_faces, window_tensor)
 from dubber.eval.sync import sync_scores
 from dubber.face.crops import CropSpec
+from dubber.train import distributed
 from dubber.train.augment import Jitter, augment
 from dubber.train.recipes import Recipe, recipe
 
@@ -82,6 +83,9 @@ class SyncNetRecipe(Recipe):
     def optimizers(self, modules):
         return {"model": torch.optim.Adam(modules["model"].parameters(), lr=self.lr)}
 
+    def trained(self, modules):
+        return {"model": _Embeddings(modules["model"])}
+
     def anchors(self, clip: dict) -> np.ndarray:
         """Speech frames a 5-frame window can be centred on, in clips long enough for the search."""
         frames = len(clip["mels"])
@@ -92,11 +96,12 @@ class SyncNetRecipe(Recipe):
         speech[:half] = speech[frames - half:] = False
         return np.flatnonzero(speech)
 
-    def segments(self, sampler, rng: np.random.Generator):
-        """-> mouth windows uint8 [B, 5, 48, 96, 3], mels float32 [A, 80, W], target int64 [B]
-        (each window's own audio row) and exclude bool [B, A] (near misses)."""
+    def segments(self, sampler, rng: np.random.Generator, count: Optional[int] = None):
+        """-> `count` (default batch_size; whole segments) mouth windows uint8 [B, 5, 48, 96, 3],
+        mels float32 [A, 80, W], target int64 [B] (each window's own audio row) and exclude bool
+        [B, A] (near misses)."""
         windows, mels, rows, keys, target = [], [], [], [], []
-        for _ in range(max(1, self.batch_size // WINDOWS_PER_SEGMENT)):
+        for _ in range(max(1, (count or self.batch_size) // WINDOWS_PER_SEGMENT)):
             index, first = sampler.draw(rng)
             clip, centres = sampler.clips[index], sampler.anchors[index]
             near = centres[(centres >= first) & (centres < first + SEGMENT_SPREAD)]
@@ -124,13 +129,17 @@ class SyncNetRecipe(Recipe):
 
     def train_step(self, modules, optimizers, sampler, rng, step, device):
         model = modules["model"]
-        windows, mels, target, exclude = self.segments(sampler, rng)
+        # Under torchrun: the step's windows over all processes (whole segments for each), each
+        # process embedding its own shard of them and all of the audio, so every window still
+        # picks among all of the step's audio.
+        count = max(1, self.batch_size // WINDOWS_PER_SEGMENT) * WINDOWS_PER_SEGMENT * distributed.world_size()
+        windows, mels, target, exclude = self.segments(sampler, rng, count)
         faces, _ = augment(window_tensor(windows).to(device), rng,
                            Jitter(BRIGHTNESS_JITTER, CONTRAST_JITTER, 0.0))
-        faces = faces.reshape(len(windows), 3 * MOUTH_FRAMES, MOUTH_H, MOUTH_W)
-        target, exclude = torch.from_numpy(target).to(device), torch.from_numpy(exclude).to(device)
-        face_emb = model.embed_face(faces)
-        audio_emb = model.embed_audio(torch.from_numpy(mels).view(-1, 1, N_MELS, mels.shape[-1]).to(device))
+        faces = distributed.shard(faces.reshape(len(windows), 3 * MOUTH_FRAMES, MOUTH_H, MOUTH_W))
+        target, exclude = distributed.shard(torch.from_numpy(target)), distributed.shard(torch.from_numpy(exclude))
+        target, exclude = target.to(device), exclude.to(device)
+        face_emb, audio_emb = model(faces, torch.from_numpy(mels).view(-1, 1, N_MELS, mels.shape[-1]).to(device))
         logits = offset_choice_logits(face_emb, audio_emb, exclude, self.temperature)
         loss = F.cross_entropy(logits, target)  # offset_choice_loss, its logits kept for the log
         optimizers["model"].zero_grad(set_to_none=True)
@@ -170,3 +179,15 @@ class SyncNetRecipe(Recipe):
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
         model.eval()
+
+
+class _Embeddings(torch.nn.Module):
+    """SyncNet's two encoders in one forward, the call DistributedDataParallel sees: mouth windows
+    [B, 15, 48, 96], mels [A, 1, 80, W] -> unit embeddings [B, D], [A, D]."""
+
+    def __init__(self, model: SyncNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, faces: torch.Tensor, mels: torch.Tensor):
+        return self.model.embed_face(faces), self.model.embed_audio(mels)

@@ -10,6 +10,7 @@ import torch
 
 from dubber.backbones.toy import ToyClip, ToyFrame, lower_half
 from dubber.face.crops import CropSpec
+from dubber.train import distributed
 from dubber.train.augment import augment, to_float
 from dubber.train.recipes import Recipe, recipe
 from dubber.train.validate import generator_figures
@@ -43,9 +44,9 @@ class _ToyRecipe(Recipe):
 
     def train_step(self, modules, optimizers, sampler, rng, step, device):
         model = modules["model"]
-        key = model.crop.key
+        key = self.backbone.crop.key
         samples, identities, mels = [], [], []
-        for _ in range(self.batch_size):
+        for _ in range(self.batch_size * distributed.world_size()):  # the step's batch; this process trains a shard
             index, start = sampler.draw(rng)
             clip = sampler.clips[index]
             crops = clip["crops"][key]
@@ -54,8 +55,9 @@ class _ToyRecipe(Recipe):
             mels.append(clip["mels"][start:start + self.window])
         pixels = to_float(np.concatenate([np.stack(samples), np.stack(identities)[:, None]], axis=1), device)
         pixels, _ = augment(pixels, rng)
+        pixels, mels = distributed.shard(pixels), distributed.shard(np.stack(mels))
         targets, identity = pixels[:, :-1], pixels[:, -1]
-        mel = torch.from_numpy(np.stack(mels)).to(device).float().unsqueeze(2)
+        mel = torch.from_numpy(mels).to(device).float().unsqueeze(2)
         generated = model(targets, mel, identity).images
         loss = (lower_half(generated) - lower_half(targets)).abs().mean()
         optimizers["model"].zero_grad(set_to_none=True)

@@ -28,9 +28,10 @@ SPEECH_LEVEL = 0.2  # a frame has speech when its envelope exceeds this fraction
 MEL_CHUNK = 8192  # STFT frames computed at once (~100 s of audio): memory does not grow with length
 
 
-def load_audio(path: Union[str, Path], check_silence: bool = True) -> np.ndarray:
-    """Decode any audio ffmpeg reads (or a video's audio track) to float32 [n] at SAMPLE_RATE, mono."""
-    wav = media.decode_audio(path, SAMPLE_RATE)
+def load_audio(path: Union[str, Path], check_silence: bool = True, video_timeline: bool = False) -> np.ndarray:
+    """Decode any audio ffmpeg reads (or a video's audio track) to float32 [n] at SAMPLE_RATE, mono;
+    video_timeline: sample 0 at the video's first frame (media.decode_audio)."""
+    wav = media.decode_audio(path, SAMPLE_RATE, video_timeline)
     if wav.size < SAMPLE_RATE // 25:
         raise DubberError("audio is shorter than one video frame", path)
     # RMS accumulated in float64 without a float64 copy of the track (16 bytes a sample for an hour of audio)

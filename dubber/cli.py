@@ -663,6 +663,79 @@ def faces(
         typer.echo(f"dub one with: dubber lipsync {source} AUDIO -o OUT.mp4 --face ID", err=True)
 
 
+@app.command(name="check")
+def check_sync(
+    video: Path = typer.Argument(..., help="Video to check: a dub by dubber or by any other tool."),
+    speech: Optional[Path] = typer.Argument(None, help="Speech to check its picture against (e.g. the dub's "
+                                                       "input audio); default: the video's own audio track."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    detector: str = typer.Option("hog", help="Face detector: hog or cnn."),
+    face_index: int = typer.Option(0, help="Which face to check, 0 = largest (see `dubber faces`)."),
+    sync_expert: Optional[Path] = typer.Option(None, help="SyncNet weights (default: weights/syncnet.pt, the file "
+                                                          "the verdict's thresholds are calibrated on)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """Check lip sync: the sync expert's offset and confidence for the whole clip and per second,
+    seconds flagged where sync or face tracking failed, and a one-line verdict.
+
+    `dubber check dub.mp4` (its own audio) or `dubber check dub.mp4 speech.wav`."""
+    from dubber.analysis import FaceChoice
+    from dubber.eval.check import check_sync as run
+
+    check.choice("--detector", detector, check.DETECTORS)
+    check.number("--face-index", face_index, low=0, what="0 is the largest face")
+    check.device("--device", device)
+    if sync_expert is not None:
+        check.existing_file("--sync-expert", sync_expert)
+    check.input_file(video)
+    if speech is not None:
+        check.input_file(speech)
+    with _progress(quiet) as hook:
+        report = run(video, speech, sync_expert, device, FaceChoice(detector=detector, face_index=face_index), hook)
+    for note in report.notes:
+        quiet or typer.echo(f"note: {note}", err=True)
+    if json_output:
+        import json
+
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    _print_check(report)
+
+
+def _print_check(report) -> None:
+    """The per-second table, the whole clip's row and the verdict line, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from dubber.eval.check import OK
+
+    def cells(figures, fps):
+        if figures.offset is None:
+            return [str(figures.windows), "", "", "", "", ""]
+        return [str(figures.windows), f"{figures.offset:+d}", f"{figures.offset / fps:+.2f}",
+                f"{figures.confidence:.3f}", f"{figures.needed:.3f}", f"{figures.lse_d:.3f}"]
+
+    against = report.speech if report.speech is not None else "its own audio"
+    table = Table()
+    for column in ("seconds", "face", "speech", "windows", "offset", "offset s", "confidence", "needed", "LSE-D", "flag"):
+        table.add_column(column, justify="left" if column in ("seconds", "flag") else "right")
+    for s in report.segments:
+        flag = Text(s.flag, style="green" if s.flag == OK else "yellow")
+        table.add_row(f"{s.start:.1f}-{s.end:.1f}", f"{s.face:.0%}", f"{s.speech:.0%}",
+                      *cells(s.figures, report.fps), flag, end_section=s is report.segments[-1])
+    table.add_row("whole clip", f"{report.face:.0%}", f"{report.speech_fraction:.0%}", *cells(report.clip, report.fps),
+                  Text(report.verdict, style="bold"))
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(Text(f"{report.video} against {against}: {report.frames} frames at {report.fps:g} fps"))
+    console.print(table)
+    console.print(Text("offset: frames (and seconds) the sound is off, negative = audio late, positive = audio early\n"
+                       "confidence: LSE-C at that offset; the mouth follows the speech from `needed` on\n"
+                       f"expert: {report.expert} (sha256 {report.expert_sha256[:12]})"), style="dim")
+    console.print(Text(f"verdict: {report.verdict_text}"))
+
+
 @app.command()
 def backbones():
     """List backbones and whether trained weights are present."""

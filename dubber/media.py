@@ -250,13 +250,19 @@ def iter_frames(info: MediaInfo, indices: Sequence[int]) -> Iterator[np.ndarray]
         i = j
 
 
-def decode_audio(path: PathLike, sample_rate: int) -> np.ndarray:
-    """Decode the first audio stream of any file ffmpeg reads to float32 mono [n] at sample_rate."""
+def decode_audio(path: PathLike, sample_rate: int, video_timeline: bool = False) -> np.ndarray:
+    """Decode the first audio stream of any file ffmpeg reads to float32 mono [n] at sample_rate.
+
+    video_timeline: sample 0 is at the file's first video frame, as a player sounds it: an audio
+    stream that starts later (muxed with a delay, ffmpeg -itsoffset) is preceded by silence, one
+    that starts before the picture is cut. Otherwise sample 0 is the stream's first sample.
+    """
     info = probe(path)
     if not info.has_audio:
         raise DubberError("has no audio stream", path)
+    timeline = ["-af", "aresample=async=1:first_pts=0"] if video_timeline else []  # silence up to the stream's start
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(info.path),
-           "-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
+           "-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(sample_rate)] + timeline + ["-f", "f32le", "-"]
     result = subprocess.run(cmd, capture_output=True)
     wav = np.frombuffer(result.stdout, np.float32).copy()
     if wav.size == 0:
@@ -267,7 +273,21 @@ def decode_audio(path: PathLike, sample_rate: int) -> np.ndarray:
         # more than a frame). These containers store the exact length (other formats may only
         # estimate it from the bitrate); ffmpeg prints it truncated to 10 ms: take the middle.
         wav = wav[:int(np.ceil((info.duration + 0.005) * sample_rate))]
+    if video_timeline and info.has_video:
+        wav = wav[int(round(video_start(info.path) * sample_rate)):]
     return wav
+
+
+_PTS_TIME_RE = re.compile(r"pts_time:\s*(-?\d+(?:\.\d+)?)")
+
+
+def video_start(path: PathLike) -> float:
+    """Seconds from the start of the file's timeline to its first video frame (0 for most files;
+    more when the picture was muxed with a delay): one frame decoded."""
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0", "-frames:v", "1",
+           "-vf", "showinfo", "-f", "null", "-"]
+    match = _PTS_TIME_RE.search(subprocess.run(cmd, capture_output=True, text=True, errors="replace").stderr)
+    return max(0.0, float(match.group(1))) if match else 0.0
 
 
 @contextlib.contextmanager

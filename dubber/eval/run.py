@@ -171,9 +171,10 @@ class Evaluator:
         return out
 
     def _speech(self, wav: np.ndarray, n: int, fps: float) -> Speech:
-        times = np.arange(n) / fps
-        mels = audio.mel_windows(audio.log_mel(wav), times, audio.MEL_WINDOW) if self.sync_expert is not None else None
-        return Speech(audio.envelope(wav, times), mels)
+        from dubber.eval.sync import frame_audio
+
+        mels, envelope, _ = frame_audio(wav, n, fps, mels=self.sync_expert is not None)
+        return Speech(envelope, mels)
 
     def _sync(self, frames, landmarks, speech: Speech, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
         result: Dict[str, float] = {}
@@ -186,16 +187,11 @@ class Evaluator:
             window = max(3, int(round(metrics.HIGH_PASS_SECONDS * fps)) | 1)
             curves.append((metrics.high_pass(aperture, window), metrics.high_pass(env, window), corr.corr_at_zero))
         if self.sync_expert is not None:
-            from dubber.backbones.syncnet import FACE_CROP, mouths_from_faces
-            from dubber.eval.sync import sync_scores
+            from dubber.eval.sync import mouth_crops, sync_scores
 
             # Faceless frames (NaN landmarks) stay out of the fit and its smoothing; their crops are
             # black, and the scores only count windows over frames with a face (speech & valid).
-            transforms = crop_transforms(np.where(valid[:, None, None], landmarks, np.nan), FACE_CROP)
-            blank = np.zeros((FACE_CROP.size, FACE_CROP.size, 3), np.uint8)
-            faces = np.stack([warp_crop(f, m, FACE_CROP.size)[..., ::-1] if ok else blank
-                              for f, m, ok in zip(frames, transforms, valid)])
-            mouths = mouths_from_faces(faces)
+            mouths = mouth_crops(frames, np.where(valid[:, None, None], landmarks, np.nan))
             speech = audio.speech_frames(loudness)
             scores = sync_scores(self.sync_expert, mouths, mels, speech=speech & valid)
             result.update(lse_d=scores["lse_d"], lse_c=scores["lse_c"], lse_d0=scores["lse_d0"],

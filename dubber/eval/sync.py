@@ -1,13 +1,17 @@
 """Sync scores of a clip with the lip-sync expert (dubber.backbones.syncnet): the offset search
-and Wav2Lip's LSE-D / LSE-C (dubber.eval.metrics.lse), AV offset and per-window offset accuracy."""
+and Wav2Lip's LSE-D / LSE-C (dubber.eval.metrics.lse), AV offset and per-window offset accuracy;
+and the expert's inputs cut from a video: mouth crops (mouth_crops) and per-frame audio (frame_audio)."""
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from dubber.backbones.syncnet import MOUTH_FRAMES, OFFSET_RANGE, SyncNet, mel_tensor, mouth_tensor, stack_windows
+from dubber import audio as audio_features
+from dubber.backbones.syncnet import (FACE_CROP, MOUTH_FRAMES, MOUTH_H, MOUTH_W, OFFSET_RANGE, SyncNet, mel_tensor,
+                                      mouth_tensor, mouths_from_faces, stack_windows)
 from dubber.eval.metrics import lse
+from dubber.face.align import crop_transforms, warp_crop
 
 OFFSETS = range(-OFFSET_RANGE, OFFSET_RANGE + 1)  # audio shifts searched, video frames
 EVAL_BATCH = 128  # windows per forward pass in offset_distances
@@ -24,8 +28,8 @@ def offset_distances(model: SyncNet, mouths, mels, offsets: Sequence[int] = OFFS
     the clip. Distances of unit vectors lie in [0, 2]. With the default symmetric offsets the
     matrix is what dubber.eval.metrics.lse expects.
     """
-    mouths, mels = mouth_tensor(mouths), mel_tensor(mels)
-    frames = mouths.shape[0]
+    mels = mel_tensor(mels)
+    frames = len(mouths)
     if mels.shape[0] != frames:
         raise ValueError(f"{frames} mouth frames but {mels.shape[0]} mel windows")
     if frames < MOUTH_FRAMES:
@@ -33,19 +37,24 @@ def offset_distances(model: SyncNet, mouths, mels, offsets: Sequence[int] = OFFS
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    offsets = torch.as_tensor(list(offsets))
+    windows = frames - MOUTH_FRAMES + 1
+    distances = torch.empty(windows, len(offsets), dtype=torch.float64)
     try:
-        starts = range(frames - MOUTH_FRAMES + 1)
-        face = torch.cat([model.embed_face(stack_windows(mouths, starts[i:i + EVAL_BATCH]).to(device)).cpu()
-                          for i in range(0, len(starts), EVAL_BATCH)])
         audio = torch.cat([model.embed_audio(mels[i:i + EVAL_BATCH].to(device)).cpu()
                            for i in range(0, frames, EVAL_BATCH)])
+        # A batch of windows at a time, from its own frames: memory stays that of one batch
+        # (a whole long clip as float crops, or its [W, O, 256] differences, would not fit).
+        for i in range(0, windows, EVAL_BATCH):
+            starts = range(min(EVAL_BATCH, windows - i))
+            part = mouth_tensor(mouths[i:i + len(starts) + MOUTH_FRAMES - 1])
+            face = model.embed_face(stack_windows(part, starts).to(device)).cpu()
+            index = (i + torch.arange(len(starts)))[:, None] + MOUTH_FRAMES // 2 + offsets[None, :]  # [B, O]
+            distances[i:i + len(starts)] = (face[:, None, :] - audio[index.clamp(0, frames - 1)]).norm(dim=2).double()
     finally:
         model.train(was_training)
-    offsets = torch.as_tensor(list(offsets))
-    audio_index = torch.arange(len(starts))[:, None] + MOUTH_FRAMES // 2 + offsets[None, :]  # [W, O]
-    inside = (audio_index >= 0) & (audio_index < frames)
-    distances = (face[:, None, :] - audio[audio_index.clamp(0, frames - 1)]).norm(dim=2).double()
-    distances[~inside] = float("nan")
+    audio_index = torch.arange(windows)[:, None] + MOUTH_FRAMES // 2 + offsets[None, :]  # [W, O]
+    distances[(audio_index < 0) | (audio_index >= frames)] = float("nan")
     return distances.numpy()
 
 
@@ -73,3 +82,33 @@ def sync_scores(model: SyncNet, mouths, mels, offsets: Sequence[int] = OFFSETS,
         voiced = np.asarray(speech, bool)[MOUTH_FRAMES // 2: MOUTH_FRAMES // 2 + len(hits)]
         scores["offset_accuracy_speech"] = float(np.mean(hits[voiced])) if voiced.any() else float("nan")
     return scores
+
+
+def mouth_crops(frames: Iterable[np.ndarray], landmarks: np.ndarray,
+                on_frame: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """The expert's mouth crops of a video: frames uint8 BGR (any iterable, read once) and their
+    landmarks [T, 68, 2] (NaN where no face) -> uint8 RGB [T, 48, 96, 3], black where no face.
+
+    Each is the lower half of the RSA-aligned FACE_CROP (crop_transforms, smoothed over the frames
+    with a face), as the expert was trained on. Frames past len(landmarks) are not read.
+    """
+    landmarks = np.asarray(landmarks)
+    valid = ~np.isnan(landmarks[:, 0, 0])
+    transforms = crop_transforms(landmarks, FACE_CROP)
+    out = np.zeros((len(landmarks), MOUTH_H, MOUTH_W, 3), np.uint8)
+    for t, frame in zip(range(len(landmarks)), frames):
+        if valid[t]:
+            out[t] = mouths_from_faces(warp_crop(frame, transforms[t], FACE_CROP.size)[None, ..., ::-1])[0]
+        if on_frame is not None:
+            on_frame(t)
+    return out
+
+
+def frame_audio(wav: np.ndarray, frames: int, fps: float, mels: bool = True) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """A speech track at the times of a video's frames: wav [n] at audio.SAMPLE_RATE -> (mel windows
+    [frames, 80, 16] centred on each frame, or None without `mels`; envelope [frames]; speech bool
+    [frames], audio.speech_frames). Frames past the end of the track get silence."""
+    times = np.arange(frames) / fps
+    envelope = audio_features.envelope(wav, times)
+    windows = audio_features.mel_windows(audio_features.log_mel(wav), times, audio_features.MEL_WINDOW) if mels else None
+    return windows, envelope, audio_features.speech_frames(envelope)

@@ -203,7 +203,7 @@ th:first-child, thead th { text-align: left; }
 thead th { position: sticky; top: 0; background: #f4f4f4; white-space: normal; vertical-align: bottom; }
 tr.baseline { color: #666; background: #fafafa; }
 .note, .meta { color: #555; max-width: 80em; }
-nav a { margin-right: 0.8em; }
+nav { display: flex; flex-wrap: wrap; gap: 0.2em 0.9em; }
 .videos { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-end; margin: 0.8em 0; }
 .videos figure { margin: 0; } .videos video { height: 240px; background: #000; display: block; }
 figcaption { font-size: 12px; color: #444; }

@@ -556,7 +556,7 @@ def _clear_eval_outputs(out: Path) -> None:
     if sheets.is_dir():
         for sheet in sheets.glob("*.png"):
             sheet.unlink()
-    for name in ("clips.csv", "summary.json"):
+    for name in ("clips.csv", "summary.json", "report.html"):
         if (out / name).is_file():
             (out / name).unlink()
 
@@ -570,7 +570,7 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, help="At most this many clips (at least 1; default: all)."),
     mode: str = typer.Option("video", help="video (generate from the clip's frames) or photo (from its first frame)."),
     dub: bool = typer.Option(False, help="Also drive each clip with the next clip's speech."),
-    out: Path = typer.Option(Path("eval-out"), help="Folder for clips.csv, summary.json and sheets/ (an earlier run's are replaced)."),
+    out: Path = typer.Option(Path("eval-out"), help="Folder for clips.csv, summary.json, report.html and its files (an earlier run's are replaced)."),
     sync_expert: Optional[Path] = typer.Option(None, help="SyncNet weights (default: weights/syncnet.pt)."),
     no_sync_expert: bool = typer.Option(False, help="Skip LSE-D/LSE-C (model-free sync only)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -608,6 +608,7 @@ def evaluate(
     if failed:
         typer.echo(f"note: {len(failed)} of {len(clips)} clips failed and are not in the table "
                    f"(first: {failed[0]['error']})", err=True)
+    log(f"report: {out / 'report.html'}")
     typer.echo(str(out))
 
 

@@ -158,6 +158,7 @@ def test_lse_hand_built():
     assert scores["offset"] == 0
     assert scores["lse_d_window"] == pytest.approx(3.0)
     assert scores["lse_c_window"] == pytest.approx(1.0)
+    assert scores["curve"].tolist() == [5, 4, 3, 4, 5]  # kept for the report's offset plots
 
 
 def test_lse_offset_sign_and_curve_vs_window():

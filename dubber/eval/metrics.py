@@ -322,7 +322,8 @@ def lse(distances: np.ndarray) -> dict:
     Also returned, the per-window variants: lse_d_window = mean_w min_o distances[w],
     lse_c_window = mean_w (median_o - min_o distances[w]); and the same two at offset 0, the
     alignment as delivered: lse_d0 = curve[c], lse_c0 = median(curve) - curve[c] (equal to
-    lse_d / lse_c when the best offset is 0, lower otherwise).
+    lse_d / lse_c when the best offset is 0, lower otherwise); and the curve itself, float64 [O]
+    (column o at audio shift o - c, i.e. at offset c - o), for plots.
 
     lse_d and lse_c do not punish a track shifted by k frames, |k| < c: its curve is the real
     track's moved k columns, so the same minimum is found at column c + k, and the median is then
@@ -353,6 +354,7 @@ def lse(distances: np.ndarray) -> dict:
         "offset": distances.shape[1] // 2 - best,
         "lse_d_window": float(np.mean(window_min)),
         "lse_c_window": float(np.mean(np.nanmedian(distances, axis=1) - window_min)),
+        "curve": curve,
     }
 
 

@@ -14,6 +14,8 @@ Every system's frames are aligned with the same RSA alignment as the pipeline (l
 in the system's own frames, at the real face's box) and compared frame by frame with the real
 ones. Metrics are defined in dubber.eval.metrics and dubber.eval.sync (with the expert of dubber.backbones.syncnet).
 The mouth metrics cut every system's aligned crop at the same box, the real mouth's in that frame.
+Beside the table the eval keeps what its report (dubber.eval.report) shows: per clip the mouth
+opening series and sync-offset curves (series/<clip>.json) and the real and generated videos.
 """
 
 import csv
@@ -113,6 +115,7 @@ class SystemVideo:
     original_speech: Optional[Speech] = None  # for dubbing: the clip's own speech, to contrast
     model_seconds: float = 0.0
     seconds: float = 0.0
+    path: Optional[Path] = None  # the generated mp4, for the report
 
 
 def _decode(path: Path) -> List[np.ndarray]:
@@ -145,7 +148,7 @@ class Evaluator:
     # -- producing each system's video ---------------------------------------------------------
 
     def _generate(self, backbone: str, clip: Clip, fps: float, audio_path: Path, speech: Speech,
-                  workdir: Path, n: int) -> SystemVideo:
+                  workdir: Path, n: int, system: str) -> SystemVideo:
         from dubber.pipeline import LipsyncOptions, lipsync
 
         options = LipsyncOptions(backbone=backbone, device=self.device, fps=fps, overwrite=True)
@@ -153,11 +156,11 @@ class Evaluator:
         if self.mode == "photo":
             face = workdir / f"{clip.path.stem}_first.png"
             media.write_image(face, next(iter(media.VideoReader(media.probe(clip.path), count=1))))
-        out = workdir / f"{clip.path.stem}_{backbone}.mp4"
+        out = workdir / f"{clip.path.stem}_{system.replace(':', '_')}.mp4"  # one file per system: the report keeps them
         summary = lipsync(face, audio_path, out, options)
         frames = _decode(out)[:n]
         frames += [frames[-1]] * (n - len(frames))
-        return SystemVideo(frames, speech, model_seconds=summary.model_seconds, seconds=summary.seconds)
+        return SystemVideo(frames, speech, model_seconds=summary.model_seconds, seconds=summary.seconds, path=out)
 
     # -- scoring -------------------------------------------------------------------------------
 
@@ -176,16 +179,18 @@ class Evaluator:
         mels, envelope, _ = frame_audio(wav, n, fps, mels=self.sync_expert is not None)
         return Speech(envelope, mels)
 
-    def _sync(self, frames, landmarks, speech: Speech, fps, valid, curves: Optional[list] = None) -> Dict[str, float]:
+    def _sync(self, frames, landmarks, speech: Speech, fps, valid, traces: Optional[dict] = None) -> Dict[str, float]:
+        """Sync scores; `traces` (a dict) receives the curves behind them: high_pass (aperture,
+        envelope, r at lag 0) and, with the expert, offset_curve ([O], metrics.lse)."""
         result: Dict[str, float] = {}
         loudness, mels = speech.envelope, speech.mels
         aperture = mouth_aperture(landmarks[valid])
         env = loudness[valid]
         corr = metrics.aperture_envelope_sync(aperture, env, fps)
         result.update(av_corr=corr.corr_at_zero, av_best_corr=corr.best_corr, av_best_lag=corr.best_lag)
-        if curves is not None:
+        if traces is not None:
             window = max(3, int(round(metrics.HIGH_PASS_SECONDS * fps)) | 1)
-            curves.append((metrics.high_pass(aperture, window), metrics.high_pass(env, window), corr.corr_at_zero))
+            traces["high_pass"] = (metrics.high_pass(aperture, window), metrics.high_pass(env, window), corr.corr_at_zero)
         if self.sync_expert is not None:
             from dubber.eval.sync import mouth_crops, sync_scores
 
@@ -198,10 +203,14 @@ class Evaluator:
                           lse_c0=scores["lse_c0"], sync_offset=scores["offset"],
                           offset_accuracy=scores["offset_accuracy"],
                           offset_accuracy_speech=scores["offset_accuracy_speech"])
+            if traces is not None:
+                traces["offset_curve"] = scores["curve"]
         return result
 
     def score_clip(self, clip: Clip, workdir: Path, sheet_dir: Optional[Path] = None,
-                   next_clip: Optional[Clip] = None) -> List[Dict[str, object]]:
+                   next_clip: Optional[Clip] = None, report_dir: Optional[Path] = None) -> List[Dict[str, object]]:
+        """One row of metrics per system; with report_dir (the eval folder) also keeps the clip's
+        series and videos there for dubber.eval.report."""
         info = media.probe(clip.path)
         if not (info.has_video and info.has_audio):
             raise DubberError("evaluation clips need video and audio", clip.path)
@@ -227,9 +236,9 @@ class Evaluator:
             _write_wav(driving, driving_wav)
             driving_speech = self._speech(driving_wav, n, fps)
         for backbone in self.backbones:
-            videos[backbone] = self._generate(backbone, clip, fps, clip.path, own, workdir, n)
+            videos[backbone] = self._generate(backbone, clip, fps, clip.path, own, workdir, n, backbone)
             if dubbing:
-                dubbed = self._generate(backbone, clip, fps, driving, driving_speech, workdir, n)
+                dubbed = self._generate(backbone, clip, fps, driving, driving_speech, workdir, n, f"{backbone}:dub")
                 dubbed.original_speech = own
                 videos[f"{backbone}:dub"] = dubbed
         real_lm = track.landmarks
@@ -242,7 +251,7 @@ class Evaluator:
         mouth_boxes[idx] = metrics.mouth_box(real_points, real_crops[idx[0]].shape)
         real_opening = mouth_aperture(np.where(valid[:, None, None], real_lm, np.nan))  # NaN without a face
         real_sharpness = metrics.mouth_sharpness([_gray(real_crops[i]) for i in idx], mouth_boxes[idx])
-        rows, sheet, curves = [], [], {}
+        rows, sheet, curves, openings, offset_curves = [], [], {}, {}, {}
         for name, video in videos.items():
             row: Dict[str, object] = {"clip": clip.name, "system": name, "frames": n}
             lm = real_lm if video.frames is real else (
@@ -268,10 +277,14 @@ class Evaluator:
             row["silence_opening"] = metrics.silence_mean(opening, speech)
             if video.original_speech is None:  # in a dub's pauses the real mouth speaks its own words: no reference
                 row["silence_opening_real"] = metrics.silence_mean(real_opening, speech)
-            curve: list = []
-            row.update(self._sync(video.frames, lm, video.speech, fps, valid, curve))
+            traces: dict = {}
+            row.update(self._sync(video.frames, lm, video.speech, fps, valid, traces))
             if name != "static_frame":
-                curves[name] = curve[0]
+                curves[name] = traces["high_pass"]
+            if name != "shifted_audio":  # the real frames again
+                openings[name] = opening
+            if "offset_curve" in traces and name != "static_frame":  # a still mouth has no offset to find
+                offset_curves[name] = traces["offset_curve"]
             if video.original_speech is not None:
                 original = self._sync(video.frames, lm, video.original_speech, fps, valid)
                 row["lse_c0_original"] = original.get("lse_c0", math.nan)
@@ -285,6 +298,15 @@ class Evaluator:
             _contact_sheet(sheet_dir / f"{clip.name}.png", sheet, valid)
             _mouth_sheet(sheet_dir / MOUTH_SHEETS / f"{clip.name}.png", sheet, mouth_boxes, valid)
             _sync_plot(sheet_dir / f"{clip.name}_sync.png", curves)
+        if report_dir is not None:
+            from dubber.eval import report
+
+            speech = {"own": audio.speech_frames(own.envelope)}
+            if dubbing:
+                speech["driving"] = audio.speech_frames(driving_speech.envelope)
+            report.keep_clip(report_dir, clip.name, clip.path, fps, real, speech, openings, offset_curves,
+                             {name: v.path for name, v in videos.items() if v.path is not None},
+                             next_clip.name if dubbing else None)
         return rows
 
 
@@ -416,14 +438,19 @@ def load_sync_expert(path: Optional[Path] = None):
 def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = (), mode: str = "video",
              sync_expert=None, device: str = "auto", dub: bool = False, sheets: bool = True,
              log: Callable[[str], None] = lambda m: None,
-             on_clip: Optional[Callable[[int], None]] = None) -> Dict[str, Dict[str, float]]:
-    """Score every clip, write clips.csv, summary.json and the sheets; return the per-system summary."""
+             on_clip: Optional[Callable[[int], None]] = None, report: bool = True) -> Dict[str, Dict[str, float]]:
+    """Score every clip, write clips.csv, summary.json, the sheets and (with `report`) report.html
+    with its series and videos (dubber.eval.report); return the per-system summary."""
+    from dubber.eval import report as report_module
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(backbones, mode, sync_expert, device, dub, log)
     if sheets:  # an earlier run's mouth sheets, so none of a clip this run does not score stays
         for stale in (out_dir / "sheets" / MOUTH_SHEETS).glob("*.png"):
             stale.unlink()
+    if report:
+        report_module.clear(out_dir)
     rows: List[Dict[str, object]] = []
     failures = []
     started = time.perf_counter()
@@ -431,7 +458,8 @@ def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = ()
         for k, clip in enumerate(clips):
             next_clip = clips[(k + 1) % len(clips)] if len(clips) > 1 else None
             try:
-                rows += evaluator.score_clip(clip, Path(tmp), out_dir / "sheets" if sheets else None, next_clip)
+                rows += evaluator.score_clip(clip, Path(tmp), out_dir / "sheets" if sheets else None, next_clip,
+                                             out_dir if report else None)
             except DubberError as exc:
                 failures.append({"clip": clip.name, "error": str(exc)})
                 log(f"skipped {clip.name}: {exc}")
@@ -444,9 +472,11 @@ def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = ()
             writer.writeheader()
             writer.writerows(rows)
     summary = summarise(rows, evaluator.systems())
-    report = {"mode": mode, "clips": len(clips), "failed": failures, "seconds": time.perf_counter() - started,
-              "metric_crop": f"{METRIC_CROP.kind} {METRIC_CROP.size}x{METRIC_CROP.size}",
-              "shift_seconds": SHIFT_SECONDS, "systems": summary}
+    results = {"mode": mode, "clips": len(clips), "failed": failures, "seconds": time.perf_counter() - started,
+               "metric_crop": f"{METRIC_CROP.kind} {METRIC_CROP.size}x{METRIC_CROP.size}",
+               "shift_seconds": SHIFT_SECONDS, "systems": summary}
     with media.atomic_output(out_dir / "summary.json") as tmp_json:
-        tmp_json.write_text(json.dumps(report, indent=2))
+        tmp_json.write_text(json.dumps(results, indent=2))
+    if report:
+        report_module.write_report(out_dir)
     return summary

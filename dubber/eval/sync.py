@@ -59,9 +59,10 @@ def offset_distances(model: SyncNet, mouths, mels, offsets: Sequence[int] = OFFS
 
 
 def sync_scores(model: SyncNet, mouths, mels, offsets: Sequence[int] = OFFSETS,
-                expected_offset: int = 0, speech: Optional[np.ndarray] = None) -> Dict[str, float]:
+                expected_offset: int = 0, speech: Optional[np.ndarray] = None) -> Dict[str, object]:
     """Sync of one clip: lse_d, lse_c, offset (frames, positive = mouth after sound), lse_d0 /
-    lse_c0 at offset 0, the per-window lse_d_window / lse_c_window, and offset_accuracy = fraction
+    lse_c0 at offset 0, the per-window lse_d_window / lse_c_window, the window-averaged distance
+    curve ([O] array, metrics.lse), and offset_accuracy = fraction
     of 5-frame windows whose own best offset is within +-1 frame of expected_offset (0 for a clip
     that should be in sync); with `speech` (bool [T], frames with speech) also
     offset_accuracy_speech over the windows centred on speech.

@@ -19,7 +19,7 @@ import typer
 from dubber import options as check
 from dubber.errors import DubberError
 from dubber.apply import BATCH_FRAMES
-from dubber.media import VIDEO_CRF
+from dubber.media import VIDEO_CRF, VIDEO_PRESET
 from dubber.train.adapt import DEFAULT_STEPS
 
 EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -105,6 +105,8 @@ def lipsync(
                                       "repeat as ID=AUDIO to dub several people, each with their own speech."),
     batch_size: int = typer.Option(BATCH_FRAMES, help="Frames per backbone call (1-4096)."),
     crf: int = typer.Option(VIDEO_CRF, help="H.264 quality (0-51, lower is better)."),
+    preset: str = typer.Option(VIDEO_PRESET, help="x264 preset: ultrafast (default, fastest) ... veryslow "
+                                                  "(smaller files at the same --crf, slower)."),
     start: float = typer.Option(0.0, help="Use a FACE video from this second on (like ffmpeg's -ss)."),
     duration: Optional[float] = typer.Option(None, help="Use this many seconds of a FACE video (like ffmpeg's -t)."),
     loop: str = typer.Option("pingpong", help="Speech longer than the video: pingpong (forward and back), "
@@ -144,7 +146,7 @@ def lipsync(
                              detector=detector, face_index=face_index, voices=voices,
                              face_box=check.face_box("--face-box", face_box), face=chosen, batch_size=batch_size,
                              crf=crf, overwrite=overwrite, start=start, duration=duration, loop=loop, pads=pads,
-                             smooth=smooth, reuse_analysis=reuse_analysis)
+                             smooth=smooth, reuse_analysis=reuse_analysis, preset=preset)
     notes = options.check()
     _check_lipsync_adapt(adapt, adapt_steps, adapt_minutes, adapt_out, options)
     is_batch = face.is_dir() or face.suffix.lower() == ".csv"

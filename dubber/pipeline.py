@@ -52,6 +52,7 @@ class LipsyncOptions:
     face: Optional[int] = None  # an id from `dubber faces` (dubber.faces.list_faces)
     batch_size: int = BATCH_FRAMES
     crf: int = media.VIDEO_CRF
+    preset: str = media.VIDEO_PRESET  # x264 preset: slower ones make smaller files at the same --crf
     overwrite: bool = False
     start: float = 0.0  # seconds into a FACE video where the part used begins (ffmpeg's -ss)
     duration: Optional[float] = None  # seconds of the FACE video used (ffmpeg's -t); None: to its end
@@ -105,6 +106,7 @@ class LipsyncOptions:
                                         "--face-index or --face-box")
         check.number("--batch-size", self.batch_size, 1, check.MAX_BATCH_FRAMES, what="frames per model call")
         check.number("--crf", self.crf, *check.CRF_RANGE, what="H.264 quality, lower is better")
+        check.choice("--preset", self.preset, media.X264_PRESETS)
         check.seconds("--start", self.start)
         check.seconds("--duration", self.duration, allow_zero=False)
         check.choice("--loop", self.loop, check.LOOP_MODES)
@@ -324,7 +326,8 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
         step = progress_step(progress, "lip sync", n_out)
         width, height = speakers[0].analysis.info.width, speakers[0].analysis.info.height
         with media.atomic_output(output) as tmp:
-            with media.VideoWriter(tmp, fps, width, height, audio_path, duration, options.crf) as writer:
+            with media.VideoWriter(tmp, fps, width, height, audio_path, duration, options.crf,
+                                   preset=options.preset) as writer:
                 for frame, dubbed in frames:
                     writer.write(frame)
                     summary.faces += dubbed

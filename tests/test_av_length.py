@@ -83,7 +83,10 @@ def test_photo_input_at_the_given_frame_rate(face_still, fps, tmp_path):
     frames = _check_length(output, 1.3, fps)
     still = helpers.decode_frames(output)[0]
     assert still.shape == (128, 160, 3)
-    assert all(helpers.psnr(still, f) > 45 for f in frames)  # the identity backbone leaves the photo still
+    # The identity backbone leaves the photo still. x264's ultrafast preset (media.VIDEO_PRESET) lets
+    # a still picture drift a little over its P-frames: 44.0 dB from the first frame after 1.3 s
+    # here at --crf 16 (veryfast: > 57 dB); a moving picture would fall far below.
+    assert all(helpers.psnr(still, f) > 43 for f in frames)
 
 
 @pytest.mark.slow

@@ -96,6 +96,7 @@ CASES = {
     "fps_with_a_video": Case(_lipsync("--fps", "50", face="video"), 2, ["--fps 50", "applies to a photo", "25 fps"]),
     "crf_99": Case(_lipsync("--crf", "99"), 2, ["--crf 99", "between 0 and 51"]),
     "crf_negative": Case(_lipsync("--crf", "-1"), 2, ["--crf -1", "between 0 and 51"]),
+    "preset_unknown": Case(_lipsync("--preset", "fastest"), 2, ["--preset fastest", "ultrafast", "veryslow"]),
     "batch_size_zero": Case(_lipsync("--batch-size", "0"), 2, ["--batch-size 0", "between 1 and 4096"]),
     "jobs_zero": Case(lambda f, out: ["lipsync", f["crops10"], f["speech"], "-o", out / "batch", "--jobs", "0", "-q"],
                       2, ["--jobs 0", "between 1 and 64"]),

@@ -14,12 +14,16 @@ import numpy as np
 
 from dubber import media
 from dubber.errors import DubberError
-from dubber.face.track import DETECT_EVERY, FaceTrack, track_faces
+from dubber.face.track import DETECT_EVERY, MATCH_IOU, FaceTrack, box_iou, track_faces
 
 PathLike = Union[str, Path]
 TRACK_VERSION = 1  # bump when tracking changes what it finds: stored analyses of older trackers are not used
 STORE_ENTRIES = 256  # stored analyses kept (least recently used dropped); ~0.5 kB a frame each
 HASH_CHUNK = 1 << 20  # bytes read at a time when hashing an input
+# A video at least this long is tracked by two processes at once (analyse(workers=2)): the worker's
+# start-up (imports, dlib's models) costs ~2 s of CPU, which a shorter one would not repay.
+PARALLEL_MIN_FRAMES = 250
+WORKER_SHARE = 0.45  # of the frames, the later part, tracked by the worker (it starts ~2 s late)
 ProgressHook = Callable[[str, int, Optional[int]], None]  # (stage, advance, total)
 
 
@@ -61,11 +65,15 @@ def progress_step(progress: Optional[ProgressHook], stage: str, total: Optional[
 
 def analyse(face_path: PathLike, choice: FaceChoice = FaceChoice(), image_fps: float = media.DEFAULT_IMAGE_FPS,
             progress: Optional[ProgressHook] = None, keep_frames: bool = False,
-            info: Optional[media.MediaInfo] = None, first: int = 0, count: Optional[int] = None) -> Analysis:
+            info: Optional[media.MediaInfo] = None, first: int = 0, count: Optional[int] = None,
+            workers: int = 1) -> Analysis:
     """Decode a photo or video once and track the chosen face through it (photo: at image_fps).
 
     info: the file's probe when the caller has it (one `ffmpeg -i` fewer); first / count: only
     that part of a video (source frames first .. first + count; count None: to the end).
+    workers: 2 tracks a long video's later part in a second process meanwhile (dlib holds the
+    GIL, so threads would not run at once); the parts are joined where the face continues, else
+    the later part is tracked again from where the first left off.
     """
     info = info or media.probe(face_path)
     if info.is_image:
@@ -80,18 +88,72 @@ def analyse(face_path: PathLike, choice: FaceChoice = FaceChoice(), image_fps: f
     part = bool(first) or count is not None
     expected = count or max(1, int(round(info.duration * info.fps)) - first)
     step = progress_step(progress, "detect faces", expected)
-    reader = media.VideoReader(info, start=first, count=count) if part else media.VideoReader(info)
     frames: List[np.ndarray] = []
-    source = reader if not keep_frames else _keeping(reader, frames)
-    track = track_faces(source, choice.detector, choice.detect_every, choice.face_index,
-                        choice.face_box, on_frame=lambda t: step(1))
-    if reader.frames_read == 0:
+    if workers > 1 and not keep_frames and expected >= PARALLEL_MIN_FRAMES:
+        track, frames_read = _track_in_two(info, choice, first, count, expected, step)
+    else:
+        reader = media.VideoReader(info, start=first, count=count) if part else media.VideoReader(info)
+        source = reader if not keep_frames else _keeping(reader, frames)
+        track = track_faces(source, choice.detector, choice.detect_every, choice.face_index,
+                            choice.face_box, on_frame=lambda t: step(1))
+        frames_read = reader.frames_read
+    if frames_read == 0:
         raise DubberError(f"no video frame could be decoded from {first / info.fps:.3f} s on" if part else
                           "no video frame could be decoded (corrupt or truncated file)", info.path)
     if not track.valid.any():
         raise DubberError("no face found in any frame of the part asked for (--start/--duration)" if part else
                           "no face found in any frame", info.path)
     return Analysis(info, info.fps, track, frames=frames)
+
+
+def _track_part(info: media.MediaInfo, choice: FaceChoice, start: int, count: Optional[int],
+                face_box=None) -> Tuple[FaceTrack, int]:
+    """Track frames start .. start + count of a video (a worker process's share): (track, frames read)."""
+    reader = media.VideoReader(info, start=start, count=count)
+    track = track_faces(reader, choice.detector, choice.detect_every, choice.face_index,
+                        choice.face_box if face_box is None else face_box)
+    return track, reader.frames_read
+
+
+def _track_in_two(info: media.MediaInfo, choice: FaceChoice, first: int, count: Optional[int], expected: int,
+                  step) -> Tuple[FaceTrack, int]:
+    """Track the first part here while a spawned process tracks the rest; -> (joined track, frames read).
+
+    The split falls on a detection frame of the one-process schedule, so both parts detect where it
+    would. Where the parts disagree about the face at the split (another person chosen, say), the
+    rest is tracked again here, starting on the face the first part ended with."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    split = int(expected * (1 - WORKER_SHARE)) // choice.detect_every * choice.detect_every
+    rest = None if count is None else count - split
+    tail = None
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        later = pool.submit(_track_part, info, choice, first + split, rest)
+        reader = media.VideoReader(info, start=first, count=split)
+        head = track_faces(reader, choice.detector, choice.detect_every, choice.face_index, choice.face_box,
+                           on_frame=lambda t: step(1))
+        try:
+            tail, tail_read = later.result()
+        except Exception:  # no worker process here (a sandbox, a frozen app): the rest in this process
+            tail = None
+    if reader.frames_read < split:  # the video ended before the split: nothing after it
+        return head, reader.frames_read
+    if tail is None or not _continues(head, tail):
+        last = head.boxes[-1] if head.valid[-1] else None
+        tail, tail_read = _track_part(info, choice, first + split, rest, face_box=last)
+    step(len(tail))
+    joined = FaceTrack(np.concatenate([head.landmarks, tail.landmarks]), np.concatenate([head.boxes, tail.boxes]),
+                       head.width, head.height, max(head.faces_seen, tail.faces_seen))
+    return joined, reader.frames_read + tail_read
+
+
+def _continues(head: FaceTrack, tail: FaceTrack) -> bool:
+    """Whether `tail` follows the face `head` ended on: their boxes at the split overlap as a track's
+    do from frame to frame (or one side has no face there, where one process would detect afresh)."""
+    if not len(tail) or not head.valid[-1] or not tail.valid[0]:
+        return True
+    return float(box_iou(head.boxes[-1:], tail.boxes[0])[0]) >= MATCH_IOU
 
 
 def _keeping(frames, kept: List[np.ndarray]):
@@ -110,20 +172,21 @@ def store_folder() -> Optional[Path]:
     return base / "analysis"
 
 
-def content_key(path: PathLike, choice: FaceChoice, first: int, count: Optional[int]) -> str:
-    """sha256 of the file's bytes, the face choice, the part analysed and the tracker version."""
+def content_key(path: PathLike, choice: FaceChoice, first: int, count: Optional[int], workers: int = 1) -> str:
+    """sha256 of the file's bytes, the face choice, the part analysed, the tracker version and
+    whether it was tracked in two parts (the join may differ from one pass by a frame's detection)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(HASH_CHUNK), b""):
             digest.update(block)
-    digest.update(repr((TRACK_VERSION, sorted(asdict(choice).items()), first, count)).encode())
+    digest.update(repr((TRACK_VERSION, sorted(asdict(choice).items()), first, count, min(workers, 2))).encode())
     return digest.hexdigest()
 
 
 def analyse_stored(face_path: PathLike, choice: FaceChoice = FaceChoice(),
                    image_fps: float = media.DEFAULT_IMAGE_FPS, progress: Optional[ProgressHook] = None,
                    info: Optional[media.MediaInfo] = None, first: int = 0, count: Optional[int] = None,
-                   folder: Optional[Path] = None) -> Analysis:
+                   folder: Optional[Path] = None, workers: int = 1) -> Analysis:
     """`analyse`, kept in `folder` (default `store_folder()`) under the input's content key: the
     second and later dubs of a video (another language, another voice) skip detection and
     landmarks. A stored analysis that cannot be read is analysed again; one that cannot be
@@ -131,12 +194,12 @@ def analyse_stored(face_path: PathLike, choice: FaceChoice = FaceChoice(),
     info = info or media.probe(face_path)
     folder = folder if folder is not None else store_folder()
     if folder is None:
-        return analyse(face_path, choice, image_fps, progress, info=info, first=first, count=count)
-    path = folder / f"{content_key(info.path, choice, first, count)}.npz"
+        return analyse(face_path, choice, image_fps, progress, info=info, first=first, count=count, workers=workers)
+    path = folder / f"{content_key(info.path, choice, first, count, workers)}.npz"
     stored = _load_stored(path, info, image_fps)
     if stored is not None:
         return stored
-    analysis = analyse(face_path, choice, image_fps, progress, info=info, first=first, count=count)
+    analysis = analyse(face_path, choice, image_fps, progress, info=info, first=first, count=count, workers=workers)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         track = analysis.track

@@ -66,7 +66,7 @@ class FaceList:
                 "faces": [f.as_dict() for f in self.faces]}
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     x0, y0 = max(a[0], b[0]), max(a[1], b[1])
     x1, y1 = min(a[2], b[2]), min(a[3], b[3])
     inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
@@ -76,7 +76,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def _linked(last: np.ndarray, box: np.ndarray) -> float:
     """A score > 0 when `box` continues a face last seen at `last` (higher is better)."""
-    iou = _iou(last, box)
+    iou = box_iou(last, box)
     side = max(last[2] - last[0], last[3] - last[1])
     dist = np.hypot((last[0] + last[2] - box[0] - box[2]) / 2, (last[1] + last[3] - box[1] - box[3]) / 2)
     near = 1 - dist / (LINK_CENTRE * side) if side > 0 else 0

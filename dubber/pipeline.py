@@ -10,6 +10,7 @@ same one the preprocess cache (dubber.cache) stores.
 
 import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.track import DETECT_EVERY
 
 MEL_CHUNK_FRAMES = 256  # output frames whose mel windows are cut at once
+ANALYSIS_WORKERS = 2 if (os.cpu_count() or 1) > 1 else 1  # processes tracking a long video's face (analyse)
 
 PathLike = Union[str, Path]
 
@@ -235,7 +237,7 @@ def _analyse(face_path: Path, options: LipsyncOptions, progress: Optional[Progre
         first, count = _segment(info, options) if info is not None else (0, None)
         run = analyse_stored if options.reuse_analysis else analyse
         return run(face_path, options.face_choice, options.fps or media.DEFAULT_IMAGE_FPS, progress,
-                   info=info, first=first, count=count)
+                   info=info, first=first, count=count, workers=ANALYSIS_WORKERS)
     except DubberError as exc:
         chosen = options.face_index or options.face_box is not None
         if chosen and exc.message.startswith("no face found") and options.face is not None:

@@ -1,5 +1,6 @@
 """Stored face analyses (dubber.analysis.analyse_stored): a second dub of the same video reuses the
-first one's detection and landmarks, keyed by the file's content and the face choice."""
+first one's detection and landmarks, keyed by the file's content and the face choice; and a long
+video's analysis in two processes (analyse(workers=2))."""
 
 import numpy as np
 import pytest
@@ -73,3 +74,17 @@ def test_second_dub_of_a_video_reuses_its_analysis(face_video, speech_1s, tmp_pa
     code, _, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", tmp_path / "fresh.mp4", "--backbone",
                                        "identity", "--device", "cpu", "--no-reuse-analysis"])
     assert code != 0 and "tracked again" in stderr  # --no-reuse-analysis analyses (and the patch says so)
+
+
+def test_long_video_tracked_in_two_processes_joins_where_the_face_continues(tmp_path):
+    video = helpers.make_face_video(tmp_path / "long.mp4", seconds=12.0, fps=25)
+    one = analysis.analyse(video)
+    two = analysis.analyse(video, workers=2)
+    assert len(one.track) == len(two.track) >= analysis.PARALLEL_MIN_FRAMES
+    assert two.track.valid.all() and one.track.valid.all()
+    points_one, points_two = one.track.landmarks, two.track.landmarks
+    eyes = np.linalg.norm(points_one[:, 36:42].mean(1) - points_one[:, 42:48].mean(1), axis=1)
+    drift = np.linalg.norm(points_one - points_two, axis=2).mean(1) / eyes
+    assert drift.max() < 0.05  # the later part starts from its own detection: the same face, re-fitted
+    steps = np.linalg.norm(np.diff(points_two, axis=0), axis=2).mean(1) / eyes[1:]
+    assert steps.max() < 3 * np.percentile(steps, 99) + 0.02  # no jump where the parts meet

@@ -45,7 +45,7 @@ class FaceTrack:
         return len(self.landmarks)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of boxes a [K, 4] with one box b [4] -> [K]."""
     x0 = np.maximum(a[:, 0], b[0]); y0 = np.maximum(a[:, 1], b[1])
     x1 = np.minimum(a[:, 2], b[2]); y1 = np.minimum(a[:, 3], b[3])
@@ -71,7 +71,7 @@ def _from_unit(unit: np.ndarray, frame: np.ndarray) -> np.ndarray:
 
 def _continuation(found: np.ndarray, box: np.ndarray) -> Optional[np.ndarray]:
     """The detection [4] among `found` [K, 4] that continues the track at `box`, or None."""
-    overlaps = _iou(found, box) if len(found) else np.zeros(0)
+    overlaps = box_iou(found, box) if len(found) else np.zeros(0)
     return found[int(np.argmax(overlaps))] if len(found) and overlaps.max() >= MATCH_IOU else None
 
 
@@ -111,8 +111,8 @@ def track_faces(frames: Iterable[np.ndarray], detector: str = "hog", detect_ever
             faces_seen = max(faces_seen, len(found))
             if len(found):
                 if face_box is not None:
-                    chosen = found[int(np.argmax(_iou(found, np.asarray(face_box, np.float32))))]
-                    box = chosen if _iou(chosen[None], np.asarray(face_box, np.float32))[0] > 0 else None
+                    chosen = found[int(np.argmax(box_iou(found, np.asarray(face_box, np.float32))))]
+                    box = chosen if box_iou(chosen[None], np.asarray(face_box, np.float32))[0] > 0 else None
                 else:
                     box = found[face_index] if face_index < len(found) else None
             det_in_lm = None

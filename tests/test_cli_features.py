@@ -138,14 +138,19 @@ def test_pads_reach_the_frame(marked, tmp_path):
     """--pads 0 0 12 12 lets the (shifted) lower face change further out on both sides, nothing
     more above or below. (The region grows within the model's crop: its border still fades it out.)"""
     photo = helpers.write_image(tmp_path / "face.png", helpers.face_frame(0, (256, 256), motion=False))
-    changed = {}
-    for name, pads in (("plain", ["0", "0", "0", "0"]), ("padded", ["0", "0", "12", "12"])):
+    changed, frame = {}, {}
+    # Against the identity backbone's output, not the photo: the encoder's 4:2:0 chroma leaves a few
+    # sharp colour edges > 12 levels off in any output, pasted or not.
+    for name, backbone, pads in (("source", "identity", ["0", "0", "0", "0"]),
+                                 ("plain", "shiftmouth", ["0", "0", "0", "0"]),
+                                 ("padded", "shiftmouth", ["0", "0", "12", "12"])):
         output = tmp_path / f"{name}.mp4"
         code, _, stderr = helpers.run_cli(["lipsync", photo, marked["speech"], "-o", output, "-q",
-                                           "--backbone", "shiftmouth", "--pads", *pads])
+                                           "--backbone", backbone, "--pads", *pads])
         assert code == 0, stderr
-        source, result = media.read_image(photo), helpers.decode_frames(output)[5]
-        changed[name] = np.abs(result.astype(np.int16) - source.astype(np.int16)).mean(-1) > 12
+        frame[name] = helpers.decode_frames(output)[5].astype(np.int16)
+        if name != "source":
+            changed[name] = np.abs(frame[name] - frame["source"]).mean(-1) > 12
     extent = {name: (np.nonzero(moved.any(1))[0][[0, -1]], np.nonzero(moved.any(0))[0][[0, -1]])
               for name, moved in changed.items()}
     print(f"changed (rows, columns): {extent}")

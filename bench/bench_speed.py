@@ -19,8 +19,8 @@ machine changes least.
 The stage profile (one more run, in a child process, --profile) accounts for the CPU time:
 the main thread's by function under cProfile with a CPU-time clock (decode = reading the pipe
 and converting I420 to BGR, encode = converting back and writing the pipe, ...), the other
-threads' (the model worker and torch's pool) as one figure, and the ffmpeg children's (decode
-and encode processes) from their rusage. cProfile slows the Python-heavy stages; the table is
+threads' (the model worker and torch's pool) as one figure, and the child processes' (the two
+ffmpeg decoders, the encoder, and the tracker process of a long video) from their rusage. cProfile slows the Python-heavy stages; the table is
 for finding where time goes, the timed runs are the figures.
 """
 
@@ -152,7 +152,7 @@ def profile_child(face: str, speech: str, out: str, device: str) -> None:
     rows = [(stage, inclusive.get(stage, 0.0)) for stage, *_ in STAGES]
     rows.append(("other (main thread)", main - sum(v for _, v in rows)))
     rows.append(("model (worker + torch threads)", process - main))
-    rows.append(("ffmpeg processes (decode x2, encode)", children))
+    rows.append(("child processes (ffmpeg x3, tracker)", children))
     print(json.dumps({"frames": summary.frames, "wall": wall, "imports_cpu": imports_cpu, "rows": rows,
                       "cpu": process + children}))
 

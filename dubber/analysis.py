@@ -127,16 +127,24 @@ def _track_in_two(info: media.MediaInfo, choice: FaceChoice, first: int, count: 
 
     split = int(expected * (1 - WORKER_SHARE)) // choice.detect_every * choice.detect_every
     rest = None if count is None else count - split
-    tail = None
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    try:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         later = pool.submit(_track_part, info, choice, first + split, rest)
+    except Exception:  # no child process here (a daemonic worker, a sandbox): the rest in this process
+        pool = later = None
+    tail = None
+    try:
         reader = media.VideoReader(info, start=first, count=split)
         head = track_faces(reader, choice.detector, choice.detect_every, choice.face_index, choice.face_box,
                            on_frame=lambda t: step(1))
-        try:
-            tail, tail_read = later.result()
-        except Exception:  # no worker process here (a sandbox, a frozen app): the rest in this process
-            tail = None
+        if later is not None:
+            try:
+                tail, tail_read = later.result()
+            except Exception:  # the worker failed (it could not start, say): the rest in this process
+                tail = None
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if reader.frames_read < split:  # the video ended before the split: nothing after it
         return head, reader.frames_read
     if tail is None or not _continues(head, tail):

@@ -1,7 +1,9 @@
 """A face input analysed: decode a photo or video once and track the chosen face through it.
 
 The analysis is what `lipsync`, `preprocess` (the cache) and `eval` share: the media description,
-the frame rate and the face track (landmarks per frame, NaN where no face).
+the frame rate and the face track (landmarks per frame, NaN where no face). `lipsync` tracks a
+long video in two processes (`analyse(workers=2)`) and keeps each analysis by the input's content
+(`analyse_stored`), so dubbing the same video again skips it.
 """
 
 import hashlib

@@ -180,7 +180,7 @@ def moving_frames():
 
 
 def _iou(a, b):
-    return float(track._iou(np.asarray(a)[None], np.asarray(b))[0])
+    return float(track.box_iou(np.asarray(a)[None], np.asarray(b))[0])
 
 
 def test_detection_near_the_tracked_face_finds_the_full_frame_face(moving_frames):

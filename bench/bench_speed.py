@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
 
 DATA = REPO.parent / "shared" / "data" / "wild"
 TALKING_HEADS = ("hdtf_AlexandriaOcasioCortez.mp4", "hdtf_KatieHill.mp4", "hdtf_BobMenendez.mp4")
@@ -61,11 +62,11 @@ STAGES = (
 )
 
 
-def ffmpeg(args, **kwargs):
-    from dubber.media import ffmpeg_exe
+def ffmpeg(args) -> None:
+    """ffmpeg quietly (tests/helpers.run_ffmpeg)."""
+    import helpers
 
-    return subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *map(str, args)],
-                          check=True, **kwargs)
+    helpers.run_ffmpeg([str(a) for a in args])
 
 
 def talking_clip(folder: Path, seconds: float, height: int, fps: float) -> tuple:

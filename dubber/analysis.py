@@ -21,7 +21,6 @@ from dubber.face.track import DETECT_EVERY, MATCH_IOU, FaceTrack, box_iou, track
 PathLike = Union[str, Path]
 TRACK_VERSION = 1  # bump when tracking changes what it finds: stored analyses of older trackers are not used
 STORE_ENTRIES = 256  # stored analyses kept (least recently used dropped); ~0.5 kB a frame each
-HASH_CHUNK = 1 << 20  # bytes read at a time when hashing an input
 # A video at least this long is tracked by two processes at once (analyse(workers=2)): the worker's
 # start-up (imports, dlib's models) costs ~2 s of CPU, which a shorter one would not repay.
 PARALLEL_MIN_FRAMES = 250
@@ -185,12 +184,8 @@ def store_folder() -> Optional[Path]:
 def content_key(path: PathLike, choice: FaceChoice, first: int, count: Optional[int], workers: int = 1) -> str:
     """sha256 of the file's bytes, the face choice, the part analysed, the tracker version and
     whether it was tracked in two parts (the join may differ from one pass by a frame's detection)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(HASH_CHUNK), b""):
-            digest.update(block)
-    digest.update(repr((TRACK_VERSION, sorted(asdict(choice).items()), first, count, min(workers, 2))).encode())
-    return digest.hexdigest()
+    key = (media.file_sha256(path), TRACK_VERSION, sorted(asdict(choice).items()), first, count, min(workers, 2))
+    return hashlib.sha256(repr(key).encode()).hexdigest()
 
 
 def analyse_stored(face_path: PathLike, choice: FaceChoice = FaceChoice(),

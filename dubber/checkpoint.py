@@ -75,14 +75,6 @@ def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_model(model: SelfDescribing, path: Union[str, Path], meta: Optional[Dict[str, Any]] = None,
                half: bool = False, extra: Optional[Dict[str, Any]] = None) -> None:
     """Write `model` atomically; `half` stores float tensors as fp16. meta gains the state's sha256

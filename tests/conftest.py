@@ -61,3 +61,22 @@ def grid_clip() -> Path:
         if clips:
             return clips[0]
     pytest.skip("GRID data (../shared/data/grid/s1) is not available on this machine")
+
+
+@pytest.fixture(scope="session")
+def dck_eval(tmp_path_factory):
+    """`dubber eval` of two clips with different speech (dck and its dub, scored with the expert):
+    (output folder, stdout). Shared by the eval and report tests, which only read it."""
+    root = tmp_path_factory.mktemp("dck_eval")
+    clips = root / "clips"
+    clips.mkdir()
+    for k in range(2):  # different speech in each, so a dub is driven by something new
+        speech = helpers.make_tone_speech(root / f"speech{k}.wav", 1.4, seed=k)
+        helpers.make_face_video(clips / f"clip{k}.mp4", seconds=1.4, fps=25, size=(192, 160), audio=speech,
+                                marker=False)
+    out_dir = root / "eval"
+    code, out, err = helpers.run_cli_subprocess(
+        ["eval", "--dataset", "folder", "--root", clips, "--backbone", "dck", "--dub", "--device", "cpu",
+         "--out", out_dir, "-q"])
+    assert code == 0, err
+    return out_dir, out

@@ -20,20 +20,9 @@ SYSTEMS = ["ground_truth", "static_frame", "shifted_audio", "dck", "dck:dub"]
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """An eval folder of two clips with different speech, dck and its dub, scored with the expert."""
-    root = tmp_path_factory.mktemp("report")
-    clips = root / "clips"
-    clips.mkdir()
-    for k in range(2):
-        speech = helpers.make_tone_speech(root / f"speech{k}.wav", 1.4, seed=k)
-        helpers.make_face_video(clips / f"clip{k}.mp4", seconds=1.4, fps=25, size=(192, 160), audio=speech, marker=False)
-    out_dir = root / "eval"
-    code, _, err = helpers.run_cli_subprocess(
-        ["eval", "--dataset", "folder", "--root", clips, "--backbone", "dck", "--dub", "--device", "cpu",
-         "--out", out_dir, "-q"])
-    assert code == 0, err
-    return out_dir
+def evaluated(dck_eval):
+    """The shared two-clip eval folder (conftest.dck_eval)."""
+    return dck_eval[0]
 
 
 def _local_references(page: str):

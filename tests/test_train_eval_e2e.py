@@ -98,17 +98,8 @@ def test_eval_writes_table_csv_json_and_images(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_scores_a_backbone_and_its_dub(tmp_path):
-    clips = tmp_path / "clips"
-    clips.mkdir()
-    for k in range(2):  # different speech in each, so a dub is driven by something new
-        speech = helpers.make_tone_speech(tmp_path / f"speech{k}.wav", 1.4, seed=k)
-        helpers.make_face_video(clips / f"clip{k}.mp4", seconds=1.4, fps=25, size=(192, 160), audio=speech, marker=False)
-    out_dir = tmp_path / "report"
-    code, out, err = helpers.run_cli_subprocess(
-        ["eval", "--dataset", "folder", "--root", clips, "--backbone", "dck", "--dub", "--device", "cpu",
-         "--out", out_dir, "-q"])
-    assert code == 0, err
+def test_eval_scores_a_backbone_and_its_dub(dck_eval):
+    out_dir, out = dck_eval
     assert "forgiven" in out  # the table's note on what lse_c does with a shift
     rows = list(csv.DictReader(open(out_dir / "clips.csv")))
     assert {r["system"] for r in rows} == {"ground_truth", "static_frame", "shifted_audio", "dck", "dck:dub"}

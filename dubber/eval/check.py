@@ -24,7 +24,6 @@ hold for the expert they were measured with, weights/syncnet.pt (EXPERT_SHA256):
 file gives other figures and needs its own calibration (the report names the file it used).
 """
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -312,14 +311,6 @@ def judge(distances: np.ndarray, face: np.ndarray, speech: np.ndarray,
 # files
 
 
-def file_sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_sync(video: PathLike, speech: Optional[PathLike] = None, expert_path: Optional[PathLike] = None,
                device: str = "auto", choice: FaceChoice = FaceChoice(),
                progress: Optional[ProgressHook] = None) -> SyncReport:
@@ -366,7 +357,7 @@ def check_sync(video: PathLike, speech: Optional[PathLike] = None, expert_path: 
     step = progress_step(progress, "sync expert", 1)
     clip, parts, code, line = score(expert, mouths, track.valid, mels, voiced, fps)
     step(1)
-    sha = file_sha256(expert_file)
+    sha = media.file_sha256(expert_file)
     if sha != EXPERT_SHA256:
         notes.append(f"the expert {expert_file} is not the file the thresholds were calibrated on "
                      f"(sha256 {EXPERT_SHA256[:12]}...): the figures stand, the verdict may not")

@@ -49,11 +49,10 @@ def adaptable() -> List[str]:
 
 def describe_source(video: PathLike, info: Optional[media.MediaInfo] = None) -> Dict[str, object]:
     """What an adapted file records of its video: name, duration (s) and the file's sha256."""
-    from dubber.checkpoint import file_sha256
 
     video = Path(video)
     info = info or media.probe(video)
-    return {"name": video.name, "duration_s": round(float(info.duration), 3), "sha256": file_sha256(video)}
+    return {"name": video.name, "duration_s": round(float(info.duration), 3), "sha256": media.file_sha256(video)}
 
 
 def describe_base(path: PathLike) -> Dict[str, object]:

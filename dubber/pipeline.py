@@ -43,7 +43,8 @@ class LipsyncOptions:
     backbone: Optional[Union[str, Backbone]] = None  # name, instance, or None for the default
     weights: Optional[PathLike] = None
     device: str = "auto"  # auto, cpu, cuda or cuda:N
-    half: bool = False
+    half: bool = False  # fp16 on CUDA
+    precision: str = "auto"  # auto, fp32 or bf16 (dubber.options.precision): auto is bf16 on CPUs with bf16 units
     fps: Optional[float] = None  # frame rate for photo input (None: media.DEFAULT_IMAGE_FPS); a video keeps its own
     blend: str = "auto"  # auto: alpha for backbones that return α, feather otherwise
     colour_match: bool = True
@@ -77,7 +78,8 @@ class LipsyncOptions:
         if self.weights is not None:
             check.existing_file("--weights", self.weights)
         check.device("--device", self.device)
-        check.half("--half", self.half, self.device, notes)
+        check.precision("--precision", self.precision, check.half("--half", self.half, self.device, notes),
+                        self.device)
         if self.fps is not None:
             check.number("--fps", self.fps, *check.FPS_RANGE, what="frames per second")
         check.choice("--blend", self.blend, check.BLEND_CHOICES)
@@ -142,6 +144,7 @@ class Summary:
     model_seconds: float = 0.0
     backbone: str = ""
     device: str = ""
+    precision: str = ""  # the model's arithmetic: fp32, bf16 or fp16
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -292,7 +295,9 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
     backbone = resolve_backbone(options, info.is_image)
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
-    generator = Generator(backbone, device, options.half, channels_last=True)
+    precision = check.precision("--precision", options.precision, check.half("--half", options.half, options.device),
+                                options.device)
+    generator = Generator(backbone, device, precision, channels_last=True)
     with contextlib.ExitStack() as cleanup:
         if audio_path is None:  # the soundtrack: the voices mixed
             audio_path = cleanup.enter_context(media.mixed_audio(list(voices.values())))
@@ -317,7 +322,7 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
         fps, n_src = speakers[0].analysis.fps, len(speakers[0].analysis.track)
         n_out = max(1, int(round(duration * fps)))
         summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
-                          device=str(generator.device), notes=notes)
+                          device=str(generator.device), precision=precision, notes=notes)
         if n_src < n_out and not info.is_image:
             summary.notes.append(f"video ({n_src} frames) is shorter than the audio: {LOOP_NOTES[options.loop]} "
                                  "(--loop)")

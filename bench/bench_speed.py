@@ -25,6 +25,8 @@ for finding where time goes, the timed runs are the figures.
 """
 
 import argparse
+import ast
+import functools
 import json
 import os
 import resource
@@ -49,16 +51,17 @@ PHOTO_SIDE = 512
 STAGES = (
     ("audio decode + mel", ("dubber/audio.py", "load_audio"), ("dubber/audio.py", "log_mel")),
     ("weights load", ("dubber/backbones/__init__.py", "load_backbone")),
-    ("decode (pipe, I420->BGR)", ("dubber/media.py", "__iter__")),
+    ("decode (pipe, I420->BGR)", ("dubber/media.py", "VideoReader.__iter__")),
     ("detection", ("dubber/face/detect.py", "_detect")),
     ("landmarks", ("dubber/face/landmarks.py", "predict_landmarks")),
     ("alignment + smoothing", ("dubber/face/align.py", "crop_transforms")),
     ("crop", ("dubber/face/align.py", "warp_crop")),
     ("mask", ("dubber/blend.py", "lower_face_mask")),
-    ("colour match", ("dubber/blend.py", "match_colour"), ("dubber/blend.py", "match_palette"),
-     ("dubber/blend.py", "match_seam")),
-    ("paste-back", ("dubber/blend.py", "paste_back")),  # minus colour match, which it calls
-    ("encode (BGR->I420, pipe)", ("dubber/media.py", "write")),
+    ("colour match", ("dubber/blend.py", "match_colour"), ("dubber/blend.py", "Palette.__init__"),
+     ("dubber/blend.py", "Palette.fix"), ("dubber/blend.py", "match_seam")),
+    ("paste-back", ("dubber/blend.py", "Paster.__init__"), ("dubber/blend.py", "Paster.__call__")),  # minus colour
+    # match, which Paster.__call__ calls
+    ("encode (BGR->I420, pipe)", ("dubber/media.py", "VideoWriter.write")),
 )
 
 
@@ -121,6 +124,31 @@ def frame_count(path: Path) -> int:
     return int(round(info.duration * info.fps))
 
 
+@functools.lru_cache(maxsize=None)
+def _definitions(filename: str) -> dict:
+    """{line of a def: its qualified name (Class.method)} of a source file ({} when unreadable)."""
+    try:
+        tree = ast.parse(Path(filename).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    names = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    names[child.lineno] = name
+                visit(child, name + ".")
+    visit(tree, "")
+    return names
+
+
+def qualified_name(filename: str, line: int, name: str) -> str:
+    """cProfile's (file, line, name) -> "Class.method" for methods, the plain name otherwise."""
+    return _definitions(filename).get(line, name)
+
+
 def profile_child(face: str, speech: str, out: str, device: str, precision: str) -> None:
     """Run lipsync once under cProfile (CPU-time clock) and print the stage table as JSON."""
     import cProfile
@@ -145,7 +173,8 @@ def profile_child(face: str, speech: str, out: str, device: str, precision: str)
     children = child.ru_utime + child.ru_stime - child0.ru_utime - child0.ru_stime
     stats = pstats.Stats(profiler).stats
     inclusive = {}
-    for (filename, _, name), (_, _, _, cumulative, _) in stats.items():
+    for (filename, line, name), (_, _, _, cumulative, _) in stats.items():
+        name = qualified_name(filename, line, name)
         for stage, *functions in STAGES:
             if any(filename.endswith(f) and name == n for f, n in functions):
                 inclusive[stage] = inclusive.get(stage, 0.0) + cumulative

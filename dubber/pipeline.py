@@ -24,7 +24,7 @@ from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, analyse
 from dubber.apply import BATCH_FRAMES, Generator, Step, apply_backbone
 from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone
 from dubber.cache import load_cache
-from dubber.blend import BLEND_MODES, lower_face_mask, paste_back
+from dubber.blend import BLEND_MODES, Paster, lower_face_mask
 from dubber.conditioning import identity_frame
 from dubber.errors import DubberError
 from dubber.face.align import crop_transforms, transform_points, warp_crop
@@ -384,29 +384,37 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
     n_out = len(order)
 
     def steps() -> Iterator[Step]:
+        last = None  # (frame, source index, crop): a photo repeats one frame object, cropped once
         for chunk in range(0, n_out, MEL_CHUNK_FRAMES):
             times = np.arange(chunk, min(n_out, chunk + MEL_CHUNK_FRAMES)) / fps
             for t, window in zip(range(chunk, n_out), audio.mel_windows(speaker.mel, times, backbone.mel_width)):
                 frame, dubbed = next(frames)
                 matrix = speaker.transforms[order[t]]
-                crop = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, spec.size)
+                if last is not None and last[0] is frame and last[1] == order[t]:
+                    crop = last[2]
+                else:
+                    crop = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, spec.size)
+                    last = frame, order[t], crop
                 yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]]))
 
+    paster = None  # the last frame's, reused while the frame object and its crop repeat (a photo)
     for (frame, dubbed, matrix, points), crop, generated in apply_backbone(generator, steps(), speaker.identity,
                                                                            options.batch_size):
         if generated is not None:
-            frame = _paste(frame, crop, generated, matrix, points, mode, options.colour_match, options.pads)
+            if paster is None or paster.frame is not frame or paster.source_crop is not crop:
+                paster = _paster(frame, crop, matrix, points, mode, options.colour_match, options.pads)
+            frame = paster(generated)
             dubbed = True
         yield frame, dubbed
 
 
-def _paste(frame: np.ndarray, crop: np.ndarray, generated: np.ndarray, matrix: np.ndarray, points: np.ndarray,
-           mode: str, colour_match: bool, pads: Sequence[float] = (0, 0, 0, 0)) -> np.ndarray:
-    """Paste one generated crop under the lower-face mask (grown by `pads`, frame pixels: top,
-    bottom, left, right)."""
+def _paster(frame: np.ndarray, crop: np.ndarray, matrix: np.ndarray, points: np.ndarray, mode: str,
+            colour_match: bool, pads: Sequence[float] = (0, 0, 0, 0)) -> Paster:
+    """The paste of a generated crop into `frame` under the lower-face mask (grown by `pads`, frame
+    pixels: top, bottom, left, right)."""
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))) if any(pads) else 1.0  # crop px per frame px
     mask = lower_face_mask(transform_points(points, matrix), crop.shape[0], tuple(p * scale for p in pads))
-    return paste_back(frame, crop, generated, matrix, mask, mode, colour_match)
+    return Paster(frame, crop, matrix, mask, mode, colour_match)
 
 
 def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match: bool, summary: Summary,
@@ -416,7 +424,7 @@ def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match
     top, bottom, left, right), the others pass through."""
     for (frame, matrix, points), crop, generated in results:
         if generated is not None:
-            frame = _paste(frame, crop, generated, matrix, points, mode, colour_match, pads)
+            frame = _paster(frame, crop, matrix, points, mode, colour_match, pads)(generated)
             summary.faces += 1
         else:
             summary.passed_through += 1

@@ -154,12 +154,11 @@ class Palette:
         occupied[pixels[:, 1], pixels[:, 2]] = 1
         size = 2 * PALETTE_RADIUS + 1
         self.occupied = cv2.dilate(occupied, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
-        self._tree = None
+        self._nearest = None  # [256, 256, 2]: the nearest palette cell of every chroma, made on first use
 
     def fix(self, generated: np.ndarray) -> np.ndarray:
         """float32 BGR [S, S, 3] in [0, 255] -> the same, strays recoloured (others untouched)."""
         import cv2
-        from scipy.spatial import cKDTree
 
         if self.empty:
             return generated
@@ -170,18 +169,27 @@ class Palette:
         off &= cv2.absdiff(ycc, self.source_ycc)[..., 1:].max(-1) > PALETTE_RADIUS  # the source's own colours stay
         if not off.any():
             return generated
-        # The nearest palette cell of each stray pixel: a k-d tree over the palette (a few hundred to
-        # a few thousand cells) costs well under a millisecond for the tens to hundreds of stray
-        # pixels of a frame, where a distance transform of the whole 256x256 chroma plane cost ~10 ms.
-        if self._tree is None:
-            self._cells = np.argwhere(self.occupied)  # [P, 2] (Cr, Cb)
-            self._tree = cKDTree(self._cells)
-        _, nearest = self._tree.query(ycc[off][:, 1:])
         strays = cv2.cvtColor(np.clip(generated[off][:, None], 0, 255) / np.float32(255), cv2.COLOR_BGR2YCrCb)
-        strays[:, 0, 1:] = self._cells[nearest] / np.float32(255)
+        strays[:, 0, 1:] = self.nearest(ycc[off][:, 1:]) / np.float32(255)
         out = generated.copy()
         out[off] = cv2.cvtColor(strays, cv2.COLOR_YCrCb2BGR)[:, 0] * 255
         return out
+
+    def nearest(self, chroma: np.ndarray) -> np.ndarray:
+        """The nearest palette cell of each (Cr, Cb) in uint8 [N, 2]: [N, 2].
+
+        From a table of the whole 256x256 chroma plane made on first use: OpenCV's labelled
+        distance transform (5x5 mask, within ~2 % of Euclidean), 0.6 ms however many pixels stray."""
+        import cv2
+
+        if self._nearest is None:
+            _, labels = cv2.distanceTransformWithLabels((self.occupied == 0).astype(np.uint8), cv2.DIST_L2, 5,
+                                                        labelType=cv2.DIST_LABEL_PIXEL)
+            cells = np.argwhere(self.occupied)  # [P, 2]: each palette cell carries its own label
+            by_label = np.zeros((labels.max() + 1, 2), np.int64)
+            by_label[labels[cells[:, 0], cells[:, 1]]] = cells
+            self._nearest = by_label[labels]  # [256, 256, 2]
+        return self._nearest[chroma[:, 0], chroma[:, 1]]
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

@@ -8,13 +8,14 @@ encoder. Memory is bounded by two backbone calls' frames whatever the length; th
 same one the preprocess cache (dubber.cache) stores.
 """
 
+import collections
 import contextlib
 import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.track import DETECT_EVERY
 
 MEL_CHUNK_FRAMES = 256  # output frames whose mel windows are cut at once
+PASTE_AHEAD = 8  # generated frames handed to the paste thread before the oldest is waited for
 ANALYSIS_WORKERS = 2 if (os.cpu_count() or 1) > 1 else 1  # processes tracking a long video's face (analyse)
 
 PathLike = Union[str, Path]
@@ -398,14 +400,34 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
                 yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]]))
 
     paster = None  # the last frame's, reused while the frame object and its crop repeat (a photo)
-    for (frame, dubbed, matrix, points), crop, generated in apply_backbone(generator, steps(), speaker.identity,
-                                                                           options.batch_size):
-        if generated is not None:
-            if paster is None or paster.frame is not frame or paster.source_crop is not crop:
-                paster = _paster(frame, crop, matrix, points, mode, options.colour_match, options.pads)
-            frame = paster(generated)
-            dubbed = True
-        yield frame, dubbed
+
+    def paste(result) -> Tuple[np.ndarray, bool]:
+        nonlocal paster
+        (frame, dubbed, matrix, points), crop, generated = result
+        if generated is None:
+            return frame, dubbed
+        if paster is None or paster.frame is not frame or paster.source_crop is not crop:
+            paster = _paster(frame, crop, matrix, points, mode, options.colour_match, options.pads)
+        return paster(generated), True
+
+    yield from _on_paste_thread(paste, apply_backbone(generator, steps(), speaker.identity, options.batch_size))
+
+
+def _on_paste_thread(paste, results: Iterator) -> Iterator:
+    """paste(result) for each result, in order, on one worker thread while this thread decodes, crops
+    and feeds the model: the paste is the longest serial step of a frame (OpenCV and numpy release
+    the GIL for most of it), and on the caller's thread it left a core ~15 % idle. At most
+    PASTE_AHEAD frames wait for their paste, so memory stays bounded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dubber-paste") as worker:
+        pending: Deque = collections.deque()
+        for result in results:
+            pending.append(worker.submit(paste, result))
+            if len(pending) > PASTE_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _paster(frame: np.ndarray, crop: np.ndarray, matrix: np.ndarray, points: np.ndarray, mode: str,

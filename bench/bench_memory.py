@@ -264,6 +264,13 @@ def main(argv=None):
             print(f"making {args.minutes:g} min of 1280x720 25 fps input in {workdir} ...", flush=True)
             args.input, made_audio = make_input(workdir, args.minutes)
             args.audio = args.audio or made_audio
+            if args.adapt:  # adaptation learns from the video's own speech: give it the track
+                import helpers
+
+                talking = args.input.with_name(f"{args.input.stem}_speech.mp4")
+                helpers.run_ffmpeg(["-i", str(args.input), "-i", str(made_audio), "-map", "0:v", "-map", "1:a",
+                                    "-c:v", "copy", "-c:a", "aac", str(talking)])
+                args.input = talking
             print(f"  made in {time.perf_counter() - started:.0f} s", flush=True)
         args.audio = args.audio or args.input
         from dubber import media

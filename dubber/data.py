@@ -177,9 +177,9 @@ def _build_all(todo: List[Tuple[Path, Path]], specs: List[CropSpec], workers: in
                progress: Optional[ProgressHook] = None) -> Iterator[Tuple[Path, Optional[str]]]:
     """(target, error or None) for each (source, target) of `todo`, as they finish; `progress`
     sees the frames of a lone file (each stage is one bar, sized for one file)."""
-    if workers <= 1 or len(todo) <= 1:
+    if workers <= 1 or len(todo) <= 1:  # a lone file: the workers track its parts (dubber.analysis.analyse)
         for source, target in todo:
-            yield target, _build_one(source, target, specs, progress if len(todo) == 1 else None)
+            yield target, _build_one(source, target, specs, progress if len(todo) == 1 else None, workers)
         return
     # spawn: fresh interpreters, so nothing of the parent (torch, its threads, its memory) is inherited
     context = multiprocessing.get_context("spawn")
@@ -225,12 +225,12 @@ def _one_thread_worker() -> None:
 
 
 def _build_one(source: Path, target: Path, specs: List[CropSpec],
-               progress: Optional[ProgressHook] = None) -> Optional[str]:
+               progress: Optional[ProgressHook] = None, workers: int = 1) -> Optional[str]:
     """Write `target` (the cache of `source`); the error message when that fails, else None."""
     from dubber.cache import preprocess
 
     try:
-        preprocess(source, target.parent, specs, progress=progress, overwrite=True)
+        preprocess(source, target.parent, specs, progress=progress, overwrite=True, workers=workers)
     except DubberError as exc:
         return str(exc)
     except Exception as exc:  # a library failing on one odd file must not stop the build

@@ -6,7 +6,9 @@ idea of Video Rewrite, Bregler et al. 1997, and "Synthesizing Obama", Suwajanako
 the pipeline crops with), and describes each by its 20 mouth landmarks (dlib, predicted on the
 crop itself so bank and generated crops are measured alike). For each generated crop,
 `MouthBank.render` predicts the generated mouth's landmarks, retrieves the real mouth of the
-closest shape (staying with the next frame of the previous pick when it is nearly as close, so
+closest shape and look (a grey thumbnail of the mouth region: teeth or a dark mouth behind the
+same lips; on one held-out clip this raised mouth PSNR and sharpness and lowered flicker against
+shape alone) (staying with the next frame of the previous pick when it is nearly as close, so
 runs of real consecutive mouths play rather than a new mouth every frame), warps it onto the
 generated mouth's landmarks (a least-squares affine) and blends it in under a feathered mask
 over the lips, its change faded to zero at the mask's edge (dubber.blend.match_seam). The
@@ -31,6 +33,7 @@ from dubber.face.track import FaceTrack
 MAX_ENTRIES = 1500  # mouths kept (evenly spaced over the video): 1,500 DCK crops are 74 MB, a minute at 25 fps
 MIN_ENTRIES = 25  # fewer real mouths than a second of video cannot cover a person's shapes
 STAY_MARGIN = 0.5  # keep the previous pick's successor while its shape distance is within (1 + this) x the best's
+APPEARANCE = (24, 12)  # grey thumbnail (w, h) of the mouth region compared beside the shape: teeth, tongue, shadow
 OUTER_LIP = slice(0, 12)  # of the 20 mouth points (48-59): the lips' outline
 MASK_GROW = 0.25  # the lip mask reaches this many mouth widths beyond the outer lip
 MIN_MOUTH_WIDTH = 4.0  # crop pixels: a mouth narrower than this was not found on the generated crop
@@ -77,6 +80,11 @@ class MouthBank:
 
     def __post_init__(self):
         self._keys = descriptor(self.points).astype(np.float32)
+        # one mouth region for every crop (they are aligned): the bank's mouths' box, grown a little
+        low, high = self.points.min((0, 1)), self.points.max((0, 1))
+        grow = 0.1 * (high - low)
+        self._region = np.concatenate([low - grow, high + grow]).round().astype(int).clip(0, self.crops.shape[1])
+        self._looks = np.stack([self._look(crop) for crop in self.crops]) if len(self.crops) else np.zeros((0,))
         # entry k + 1 continues entry k only when it is the next frame kept of the same run
         gaps = np.diff(self.frames)
         step = int(np.median(gaps)) if len(gaps) else 1
@@ -89,10 +97,25 @@ class MouthBank:
         """Forget the previous pick (a new run of frames: no continuity to keep)."""
         self._previous = None
 
-    def retrieve(self, points: np.ndarray) -> int:
-        """The entry whose mouth shape is closest to `points` [20, 2] (the previous pick's successor
-        when it is within STAY_MARGIN of the best); remembered for the next call."""
+    def _look(self, crop: np.ndarray) -> np.ndarray:
+        """The mouth region of a crop as a grey thumbnail, zero-mean and unit-norm: [w * h] float32."""
+        import cv2
+
+        x0, y0, x1, y1 = self._region
+        grey = cv2.cvtColor(np.ascontiguousarray(crop[y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY)
+        look = cv2.resize(grey, APPEARANCE, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+        look -= look.mean()
+        return look / max(float(np.linalg.norm(look)), 1e-6)
+
+    def retrieve(self, points: np.ndarray, crop: Optional[np.ndarray] = None) -> int:
+        """The entry whose mouth shape is closest to `points` [20, 2] -- and, given the generated
+        `crop`, whose mouth region looks most alike, each distance in units of its median -- (the
+        previous pick's successor when it is within STAY_MARGIN of the best); remembered for the next call."""
         cost = ((self._keys - descriptor(points).ravel()) ** 2).sum(1)
+        if crop is not None:
+            cost = cost / max(float(np.median(cost)), 1e-6)
+            looks = ((self._looks - self._look(crop)) ** 2).sum(1)
+            cost = cost + looks / max(float(np.median(looks)), 1e-6)
         best = int(np.argmin(cost))
         prev = self._previous
         if prev is not None and self._successor[prev] and cost[prev + 1] <= (1 + STAY_MARGIN) * cost[best] + 1e-6:
@@ -111,7 +134,7 @@ class MouthBank:
         if not np.isfinite(target).all() or width < MIN_MOUTH_WIDTH:
             self.reset()
             return generated
-        k = self.retrieve(target)
+        k = self.retrieve(target, generated)
         size = generated.shape[0]
         affine = _fit_affine(self.points[k], target)
         real = cv2.warpAffine(self.crops[k], affine, (size, size), flags=cv2.INTER_LINEAR,

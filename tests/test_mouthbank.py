@@ -44,6 +44,17 @@ def test_retrieval_takes_the_closest_shape_and_keeps_a_run_going():
     assert gapped.retrieve(_mouth(8)) == 2 and gapped.retrieve(_mouth(8.9)) == 2
 
 
+def test_retrieval_weighs_how_the_mouth_looks():
+    """Two mouths of one shape (say lips parted over teeth, or over a dark mouth): the one whose
+    mouth region looks like the generated crop's is taken."""
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (3, 128, 128, 3), dtype=np.uint8)
+    bank = MouthBank(crops, np.stack([_mouth(4), _mouth(4), _mouth(9)]), np.array([0, 10, 20]))
+    assert bank.retrieve(_mouth(4), crops[1]) == 1
+    bank.reset()
+    assert bank.retrieve(_mouth(4), crops[0]) == 0
+
+
 @pytest.fixture(scope="module")
 def bank(face_video):
     info = media.probe(face_video)

@@ -420,14 +420,14 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
 
     boxes = speaker.analysis.track.boxes
     bank = speaker.bank
+    if bank is not None:
+        from dubber.mouthbank import crop_box
     for (frame, dubbed, matrix, points, box), crop, generated in apply_backbone(generator, steps(), speaker.identity,
                                                                                 options.batch_size):
         if bank is not None:
             if generated is None:
                 bank.reset()  # a gap: the next run starts its own sequence of real mouths
             else:
-                from dubber.mouthbank import crop_box
-
                 generated = bank.render(generated, crop_box(box, matrix))
         if generated is not None:
             frame = _paste(frame, crop, generated, matrix, points, mode, options.colour_match, options.pads)

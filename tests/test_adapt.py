@@ -103,6 +103,15 @@ def test_an_interrupted_adaptation_leaves_no_model_and_resumes(face_video, cache
     assert any("at step 2" in m for m in messages) and load_package(out)["meta"]["steps"] == 3
 
 
+def test_the_loss_goes_down(face_video, cache, tmp_path):
+    from dubber.train.adapt import adapt
+
+    out = adapt(face_video, tmp_path / "person.pt", steps=12, device="cpu", cache_dir=cache, log=lambda m: None)
+    losses = load_package(out)["meta"]["adapted"]["losses"]  # the mean of every 3 steps
+    assert [row["step"] for row in losses] == [3, 6, 9, 12]
+    assert losses[-1]["total_g"] < losses[0]["total_g"], losses
+
+
 def test_lipsync_with_adapted_weights(adapted, face_video, speech_1s, tmp_path):
     out, _ = adapted
     dubbed, generic = tmp_path / "adapted.mp4", tmp_path / "generic.mp4"

@@ -170,15 +170,16 @@ def adapt(video: PathLike, out_path: PathLike, backbone: str = "dck", steps: Opt
         model_path = Path(work) / out_path.name
         shown = (lambda message: log(message.replace(str(model_path), str(out_path))))
         renamed = (lambda stage, advance, total: progress(STAGE if stage == "train" else stage, advance, total))
-        train(recipe, clips, model_path, steps, device=torch_device, resume=resume,
+        history = train(recipe, clips, model_path, steps, device=torch_device, resume=resume,
               checkpoint_path=checkpoint_path(out_path, source["sha256"], base_meta["state_sha256"]),
-              log_every=min(LOG_EVERY, steps), checkpoint_every=CHECKPOINT_EVERY,
+              log_every=max(1, min(LOG_EVERY, steps // 4)), checkpoint_every=CHECKPOINT_EVERY,
               data_meta={"source": f"{video.name}: its own frames and audio (lag {item['lag']} frames)"}, log=shown,
               progress=renamed if progress else None, max_seconds=training_seconds)
         package = load_package(model_path)
         package["meta"]["adapted"] = {"source": source, "base": base_meta, "lag": item["lag"],
                                       "steps": package["meta"]["steps"],
-                                      "seconds": round(time.perf_counter() - started, 1)}
+                                      "seconds": round(time.perf_counter() - started, 1),
+                                      "losses": history}  # mean losses per logged stretch of steps
         save_atomic(package, out_path)
     return out_path
 

@@ -25,6 +25,8 @@ for finding where time goes, the timed runs are the figures.
 """
 
 import argparse
+import ast
+import functools
 import json
 import os
 import resource
@@ -49,16 +51,17 @@ PHOTO_SIDE = 512
 STAGES = (
     ("audio decode + mel", ("dubber/audio.py", "load_audio"), ("dubber/audio.py", "log_mel")),
     ("weights load", ("dubber/backbones/__init__.py", "load_backbone")),
-    ("decode (pipe, I420->BGR)", ("dubber/media.py", "__iter__")),
+    ("decode (pipe, I420->BGR)", ("dubber/media.py", "VideoReader.__iter__")),
     ("detection", ("dubber/face/detect.py", "_detect")),
     ("landmarks", ("dubber/face/landmarks.py", "predict_landmarks")),
     ("alignment + smoothing", ("dubber/face/align.py", "crop_transforms")),
     ("crop", ("dubber/face/align.py", "warp_crop")),
     ("mask", ("dubber/blend.py", "lower_face_mask")),
-    ("colour match", ("dubber/blend.py", "match_colour"), ("dubber/blend.py", "match_palette"),
-     ("dubber/blend.py", "match_seam")),
-    ("paste-back", ("dubber/blend.py", "paste_back")),  # minus colour match, which it calls
-    ("encode (BGR->I420, pipe)", ("dubber/media.py", "write")),
+    ("colour match", ("dubber/blend.py", "match_colour"), ("dubber/blend.py", "Palette.__init__"),
+     ("dubber/blend.py", "Palette.fix"), ("dubber/blend.py", "match_seam")),
+    ("paste-back", ("dubber/blend.py", "Paster.__init__"), ("dubber/blend.py", "Paster.__call__")),  # minus colour
+    # match, which Paster.__call__ calls
+    ("encode (BGR->I420, pipe)", ("dubber/media.py", "VideoWriter.write")),
 )
 
 
@@ -107,7 +110,7 @@ def cli_seconds(face: Path, speech: Path, out: Path, args, store: str = "off") -
     """Wall seconds of one `dubber lipsync` in a fresh process; store: its DUBBER_CACHE_DIR ("off": a
     first dub, the face analysed)."""
     cmd = [sys.executable, "-m", "dubber", "lipsync", face, speech, "-o", out, "--overwrite", "--quiet",
-           "--device", args.device, *(["--half"] if args.half else [])]
+           "--device", args.device, "--precision", args.precision, *(["--half"] if args.half else [])]
     env = dict(os.environ, DUBBER_CACHE_DIR=store, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     started = time.perf_counter()
     subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
@@ -121,7 +124,32 @@ def frame_count(path: Path) -> int:
     return int(round(info.duration * info.fps))
 
 
-def profile_child(face: str, speech: str, out: str, device: str) -> None:
+@functools.lru_cache(maxsize=None)
+def _definitions(filename: str) -> dict:
+    """{line of a def: its qualified name (Class.method)} of a source file ({} when unreadable)."""
+    try:
+        tree = ast.parse(Path(filename).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    names = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    names[child.lineno] = name
+                visit(child, name + ".")
+    visit(tree, "")
+    return names
+
+
+def qualified_name(filename: str, line: int, name: str) -> str:
+    """cProfile's (file, line, name) -> "Class.method" for methods, the plain name otherwise."""
+    return _definitions(filename).get(line, name)
+
+
+def profile_child(face: str, speech: str, out: str, device: str, precision: str) -> None:
     """Run lipsync once under cProfile (CPU-time clock) and print the stage table as JSON."""
     import cProfile
     import pstats
@@ -137,7 +165,7 @@ def profile_child(face: str, speech: str, out: str, device: str) -> None:
     profiler = cProfile.Profile(time.thread_time)
     started = time.perf_counter()
     profiler.enable()
-    summary = lipsync(face, speech, out, overwrite=True, device=device)
+    summary = lipsync(face, speech, out, overwrite=True, device=device, precision=precision)
     profiler.disable()
     wall = time.perf_counter() - started
     main, process = time.thread_time() - main0, time.process_time() - process0
@@ -145,7 +173,8 @@ def profile_child(face: str, speech: str, out: str, device: str) -> None:
     children = child.ru_utime + child.ru_stime - child0.ru_utime - child0.ru_stime
     stats = pstats.Stats(profiler).stats
     inclusive = {}
-    for (filename, _, name), (_, _, _, cumulative, _) in stats.items():
+    for (filename, line, name), (_, _, _, cumulative, _) in stats.items():
+        name = qualified_name(filename, line, name)
         for stage, *functions in STAGES:
             if any(filename.endswith(f) and name == n for f, n in functions):
                 inclusive[stage] = inclusive.get(stage, 0.0) + cumulative
@@ -161,7 +190,7 @@ def profile_child(face: str, speech: str, out: str, device: str) -> None:
 def profile(face: Path, speech: Path, out: Path, args) -> dict:
     env = dict(os.environ, DUBBER_CACHE_DIR="off", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     result = subprocess.run([sys.executable, __file__, "--profile-child", str(face), str(speech), str(out),
-                             args.device], check=True, capture_output=True, text=True, cwd=REPO, env=env)
+                             args.device, args.precision], check=True, capture_output=True, text=True, cwd=REPO, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -174,10 +203,11 @@ def main(argv=None) -> None:
     parser.add_argument("--photo", action="store_true", help=f"a {PHOTO_SIDE}x{PHOTO_SIDE} photo of the clip's face instead")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--half", action="store_true")
+    parser.add_argument("--precision", default="auto", help="the model's arithmetic: auto, fp32 or bf16 (--precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the CLI runs (OMP_NUM_THREADS; "
                         "default: the CLI's own choice)")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
-    parser.add_argument("--profile-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile_child:
         return profile_child(*args.profile_child)
@@ -193,19 +223,20 @@ def main(argv=None) -> None:
                     face])
             described = f"a {PHOTO_SIDE}x{PHOTO_SIDE} photo (first frame of: {described}), speech {args.seconds:g} s"
         n = frame_count(clip)
-        print(f"input        {described}; {n} output frames; device {args.device}; load average "
-              f"{os.getloadavg()[0]:.1f} at start")
-        floors, runs = [], []
-        for _ in range(args.runs):  # interleaved, so load changes hit both alike
-            floors.append(floor_seconds(clip, tmp / "floor.mp4"))
-            runs.append(cli_seconds(face, clip, tmp / "out.mp4", args))
-        wall, floor = statistics.median(runs), statistics.median(floors)
-        print(f"dubber       {wall:.2f} s  {n / wall:.1f} frames/s  (runs: {', '.join(f'{s:.2f}' for s in runs)} s; "
-              f"{n / wall / args.fps:.2f}x real time)")
-        print(f"ffmpeg floor {floor:.2f} s  {n / floor:.1f} frames/s  (decode + x264 re-encode; runs: "
-              f"{', '.join(f'{s:.2f}' for s in floors)} s)")
-        print(f"ratio        dubber takes {wall / floor:.2f}x the floor's time")
-        if not args.photo:  # the same video dubbed again (another language): its stored analysis is reused
+        print(f"input        {described}; {n} output frames; device {args.device}, precision {args.precision}; "
+              f"load average {os.getloadavg()[0]:.1f} at start")
+        if args.runs:  # 0: the stage profile only
+            floors, runs = [], []
+            for _ in range(args.runs):  # interleaved, so load changes hit both alike
+                floors.append(floor_seconds(clip, tmp / "floor.mp4"))
+                runs.append(cli_seconds(face, clip, tmp / "out.mp4", args))
+            wall, floor = statistics.median(runs), statistics.median(floors)
+            print(f"dubber       {wall:.2f} s  {n / wall:.1f} frames/s  (runs: {', '.join(f'{s:.2f}' for s in runs)} s; "
+                  f"{n / wall / args.fps:.2f}x real time)")
+            print(f"ffmpeg floor {floor:.2f} s  {n / floor:.1f} frames/s  (decode + x264 re-encode; runs: "
+                  f"{', '.join(f'{s:.2f}' for s in floors)} s)")
+            print(f"ratio        dubber takes {wall / floor:.2f}x the floor's time")
+        if args.runs and not args.photo:  # the same video dubbed again (another language): analysis reused
             store = tmp / "store"
             cli_seconds(face, clip, tmp / "out.mp4", args, str(store))
             again = statistics.median(cli_seconds(face, clip, tmp / "out.mp4", args, str(store))

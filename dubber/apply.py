@@ -44,12 +44,16 @@ def crossfade_weights(window: int, overlap: int) -> np.ndarray:
 class Generator:
     """A backbone on its device, turning uint8 crop windows into new crops."""
 
-    def __init__(self, backbone: "Backbone", device, half: bool = False, channels_last: bool = False):
+    def __init__(self, backbone: "Backbone", device, precision: str = "fp32", channels_last: bool = False):
+        """precision (dubber.options.precision): "fp32"; "fp16", the model converted (CUDA); or
+        "bf16", autocast: convolutions and matrix products in bfloat16, the rest in fp32 (pure bf16
+        weights moved DCK's output 5x further from fp32's for 13 % less time)."""
         import torch
 
         self.backbone = backbone
         self.device = device
-        self.dtype = torch.float16 if half and device.type == "cuda" else torch.float32
+        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.autocast_bf16 = precision == "bf16"
         self.backbone.to(device=device, dtype=self.dtype).eval()
         if channels_last and device.type == "cpu":  # NHWC convolutions: DCK 107 -> 117 frames/s with 2
             # threads, 21 -> 25 with 1 (batch 16), the same numbers to 4e-6; a model in training keeps its layout
@@ -63,7 +67,8 @@ class Generator:
         import torch
 
         start = time.perf_counter()
-        with torch.inference_mode():
+        # autocast is per thread: entered here, in the thread that runs the model
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast_bf16):
             faces = self._tensor(crops)
             mel = torch.from_numpy(np.ascontiguousarray(mels[:, :, None])).to(device=self.device, dtype=self.dtype)
             reference = None if identity is None else self._tensor(identity[None, None])[:, 0].expand(len(crops), -1, -1, -1)

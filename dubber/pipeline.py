@@ -8,13 +8,14 @@ encoder. Memory is bounded by two backbone calls' frames whatever the length; th
 same one the preprocess cache (dubber.cache) stores.
 """
 
+import collections
 import contextlib
 import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, analyse
 from dubber.apply import BATCH_FRAMES, Generator, Step, apply_backbone
 from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone
 from dubber.cache import load_cache
-from dubber.blend import BLEND_MODES, lower_face_mask, paste_back
+from dubber.blend import BLEND_MODES, Paster, lower_face_mask
 from dubber.conditioning import identity_frame
 from dubber.errors import DubberError
 from dubber.face.align import crop_transforms, transform_points, warp_crop
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # built only with --mouth-bank
     from dubber.mouthbank import MouthBank
 
 MEL_CHUNK_FRAMES = 256  # output frames whose mel windows are cut at once
+PASTE_AHEAD = 8  # generated frames handed to the paste thread before the oldest is waited for
 ANALYSIS_WORKERS = 2 if (os.cpu_count() or 1) > 1 else 1  # processes tracking a long video's face (analyse)
 
 PathLike = Union[str, Path]
@@ -46,7 +48,8 @@ class LipsyncOptions:
     backbone: Optional[Union[str, Backbone]] = None  # name, instance, or None for the default
     weights: Optional[PathLike] = None
     device: str = "auto"  # auto, cpu, cuda or cuda:N
-    half: bool = False
+    half: bool = False  # fp16 on CUDA
+    precision: str = "auto"  # auto, fp32 or bf16 (dubber.options.precision): auto is bf16 on CPUs with bf16 units
     fps: Optional[float] = None  # frame rate for photo input (None: media.DEFAULT_IMAGE_FPS); a video keeps its own
     blend: str = "auto"  # auto: alpha for backbones that return α, feather otherwise
     colour_match: bool = True
@@ -82,7 +85,8 @@ class LipsyncOptions:
         if self.weights is not None:
             check.existing_file("--weights", self.weights)
         check.device("--device", self.device)
-        check.half("--half", self.half, self.device, notes)
+        check.precision("--precision", self.precision, check.half("--half", self.half, self.device, notes),
+                        self.device)
         if self.fps is not None:
             check.number("--fps", self.fps, *check.FPS_RANGE, what="frames per second")
         check.choice("--blend", self.blend, check.BLEND_CHOICES)
@@ -161,6 +165,7 @@ class Summary:
     model_seconds: float = 0.0
     backbone: str = ""
     device: str = ""
+    precision: str = ""  # the model's arithmetic: fp32, bf16 or fp16
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -312,7 +317,9 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
     backbone = resolve_backbone(options, info.is_image)
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
-    generator = Generator(backbone, device, options.half, channels_last=True)
+    precision = check.precision("--precision", options.precision, check.half("--half", options.half, options.device),
+                                options.device)
+    generator = Generator(backbone, device, precision, channels_last=True)
     with contextlib.ExitStack() as cleanup:
         if audio_path is None:  # the soundtrack: the voices mixed
             audio_path = cleanup.enter_context(media.mixed_audio(list(voices.values())))
@@ -337,7 +344,7 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
         fps, n_src = speakers[0].analysis.fps, len(speakers[0].analysis.track)
         n_out = max(1, int(round(duration * fps)))
         summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
-                          device=str(generator.device), notes=notes)
+                          device=str(generator.device), precision=precision, notes=notes)
         if n_src < n_out and not info.is_image:
             summary.notes.append(f"video ({n_src} frames) is shorter than the audio: {LOOP_NOTES[options.loop]} "
                                  "(--loop)")
@@ -410,38 +417,65 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
     n_out = len(order)
 
     def steps() -> Iterator[Step]:
+        last = None  # (frame, source index, crop): a photo repeats one frame object, cropped once
         for chunk in range(0, n_out, MEL_CHUNK_FRAMES):
             times = np.arange(chunk, min(n_out, chunk + MEL_CHUNK_FRAMES)) / fps
             for t, window in zip(range(chunk, n_out), audio.mel_windows(speaker.mel, times, backbone.mel_width)):
                 frame, dubbed = next(frames)
                 matrix = speaker.transforms[order[t]]
-                crop = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, spec.size)
+                if last is not None and last[0] is frame and last[1] == order[t]:
+                    crop = last[2]
+                else:
+                    crop = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, spec.size)
+                    last = frame, order[t], crop
                 yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]], boxes[order[t]]))
 
     boxes = speaker.analysis.track.boxes
     bank = speaker.bank
     if bank is not None:
         from dubber.mouthbank import crop_box
-    for (frame, dubbed, matrix, points, box), crop, generated in apply_backbone(generator, steps(), speaker.identity,
-                                                                                options.batch_size):
-        if bank is not None:
-            if generated is None:
+    paster = None  # the last frame's, reused while the frame object and its crop repeat (a photo)
+
+    def paste(result) -> Tuple[np.ndarray, bool]:
+        nonlocal paster
+        (frame, dubbed, matrix, points, box), crop, generated = result
+        if generated is None:
+            if bank is not None:
                 bank.reset()  # a gap: the next run starts its own sequence of real mouths
-            else:
-                generated = bank.render(generated, crop_box(box, matrix))
-        if generated is not None:
-            frame = _paste(frame, crop, generated, matrix, points, mode, options.colour_match, options.pads)
-            dubbed = True
-        yield frame, dubbed
+            return frame, dubbed
+        if bank is not None:  # in order on the paste thread: the bank's pick follows the frames
+            generated = bank.render(generated, crop_box(box, matrix))
+        if paster is None or paster.frame is not frame or paster.source_crop is not crop:
+            paster = _paster(frame, crop, matrix, points, mode, options.colour_match, options.pads)
+        return paster(generated), True
+
+    yield from _on_paste_thread(paste, apply_backbone(generator, steps(), speaker.identity, options.batch_size))
 
 
-def _paste(frame: np.ndarray, crop: np.ndarray, generated: np.ndarray, matrix: np.ndarray, points: np.ndarray,
-           mode: str, colour_match: bool, pads: Sequence[float] = (0, 0, 0, 0)) -> np.ndarray:
-    """Paste one generated crop under the lower-face mask (grown by `pads`, frame pixels: top,
-    bottom, left, right)."""
+def _on_paste_thread(paste, results: Iterator) -> Iterator:
+    """paste(result) for each result, in order, on one worker thread while this thread decodes, crops
+    and feeds the model: the paste is the longest serial step of a frame (OpenCV and numpy release
+    the GIL for most of it), and on the caller's thread it left a core ~15 % idle. At most
+    PASTE_AHEAD frames wait for their paste, so memory stays bounded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dubber-paste") as worker:
+        pending: Deque = collections.deque()
+        for result in results:
+            pending.append(worker.submit(paste, result))
+            if len(pending) > PASTE_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _paster(frame: np.ndarray, crop: np.ndarray, matrix: np.ndarray, points: np.ndarray, mode: str,
+            colour_match: bool, pads: Sequence[float] = (0, 0, 0, 0)) -> Paster:
+    """The paste of a generated crop into `frame` under the lower-face mask (grown by `pads`, frame
+    pixels: top, bottom, left, right)."""
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))) if any(pads) else 1.0  # crop px per frame px
     mask = lower_face_mask(transform_points(points, matrix), crop.shape[0], tuple(p * scale for p in pads))
-    return paste_back(frame, crop, generated, matrix, mask, mode, colour_match)
+    return Paster(frame, crop, matrix, mask, mode, colour_match)
 
 
 def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match: bool, summary: Summary,
@@ -451,7 +485,7 @@ def _paste_and_write(writer: media.VideoWriter, results, mode: str, colour_match
     top, bottom, left, right), the others pass through."""
     for (frame, matrix, points), crop, generated in results:
         if generated is not None:
-            frame = _paste(frame, crop, generated, matrix, points, mode, colour_match, pads)
+            frame = _paster(frame, crop, matrix, points, mode, colour_match, pads)(generated)
             summary.faces += 1
         else:
             summary.passed_through += 1

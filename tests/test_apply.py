@@ -103,3 +103,26 @@ def test_state_is_carried_within_a_run_and_reset_at_a_gap(batch_frames):
     shapes = {shape[:2] for shape, _ in backbone.calls}
     # First run: windows at 0, 12, 24 (three calls, one window each); second run: 0 and 12.
     assert shapes == {(1, 16)} and states == [None, 1, 2, None, 1]
+
+
+def test_bf16_autocast_keeps_the_generator_output():
+    """precision bf16 (auto on CPUs with bf16 units): DCK's crops within a grey level or so of fp32's,
+    and the choice itself follows the CPU (dubber.options.precision)."""
+    from dubber import options
+    from dubber.backbones import load_backbone
+
+    assert options.precision("--precision", "auto", False, "cpu") == ("bf16" if options.cpu_computes_bf16() else "fp32")
+    assert options.precision("--precision", "fp32", False, "cpu") == "fp32"
+    with pytest.raises(options.OptionError):
+        options.precision("--precision", "fp8", False, "cpu")
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (4, 1, 128, 128, 3), dtype=np.uint8)
+    mels = rng.normal(size=(4, 1, 80, 16)).astype(np.float32)
+    identity = crops[0, 0]
+    full, _ = Generator(load_backbone("dck"), torch.device("cpu"), "fp32")(crops, mels, identity)
+    fast = Generator(load_backbone("dck"), torch.device("cpu"), "bf16")
+    half, _ = fast(crops, mels, identity)
+    assert fast.autocast_bf16
+    difference = np.abs(half - full)
+    assert difference.mean() < 0.5 and difference.max() < 20, (difference.mean(), difference.max())
+    assert difference.max() > 0  # it did run in bf16

@@ -107,6 +107,7 @@ CASES = {
     "device_cuda_without_gpu": Case(_lipsync("--device", "cuda:1"), 2, ["--device cuda:1", "no CUDA GPU"],
                                     skip_with_gpu=True),
     "half_on_cpu": Case(_lipsync("--half", "--device", "cpu"), 2, ["--half", "cpu", "CUDA"]),
+    "precision_unknown": Case(_lipsync("--precision", "fp8"), 2, ["--precision fp8", "auto, fp32, bf16"]),
     "face_index_negative": Case(_lipsync("--face-index", "-1"), 2, ["--face-index -1", "at least 0"]),
     "face_box_malformed": Case(_lipsync("--face-box", "1,2,oops"), 2, ["--face-box 1,2,oops", "x0,y0,x1,y1"]),
     "face_box_inverted": Case(_lipsync("--face-box", "50,50,10,10"), 2, ["--face-box 50,50,10,10", "x1 > x0"]),

@@ -5,6 +5,7 @@
     python bench/bench_memory.py --minutes 2 --detect-every 10
     python bench/bench_memory.py --backbone dck      # the real generator (needs weights/dck.pt)
     python bench/bench_memory.py --input talk.mp4 --audio speech.wav
+    python bench/bench_memory.py --adapt             # `lipsync --adapt`: adapt dck to the input, then dub
 
 Without --input it makes the input: an 8 s segment of the example face moving and turning in a
 1280x720 frame, looped with `ffmpeg -stream_loop -c copy` to the asked length, and a speech-like
@@ -19,6 +20,9 @@ list the tree when installed, /proc otherwise (Linux).
 
 The identity backbone (tests/helpers.py) returns its input crops, so the run needs no weights and
 measures the pipeline (decode, track, align, crop, paste back, encode) rather than a network.
+With --adapt the child first adapts dck to the input with the defaults of `dubber lipsync --adapt`
+(dubber.train.adapt.adapt: its first minute at most, the default time budget), then dubs with the
+adapted file: the sampled peak then covers the adaptation too.
 """
 
 import argparse
@@ -204,7 +208,14 @@ def run_child(args) -> None:
             done[1] = tenth
             print(f"PROGRESS {json.dumps({'stage': stage, 'done': done[0], 'total': total})}", flush=True)
 
-    options = LipsyncOptions(backbone=args.backbone, weights=args.weights, device=args.device,
+    weights, backbone = args.weights, args.backbone
+    if args.adapt:  # as `dubber lipsync --adapt` does: adapt, then dub with the adapted file
+        from dubber.train.adapt import adapt
+
+        backbone = "dck"
+        weights = adapt(args.input, Path(args.output).with_name("adapted.pt"), backbone, device=args.device,
+                        log=lambda message: print(message, flush=True), progress=progress)
+    options = LipsyncOptions(backbone=backbone, weights=weights, device=args.device,
                              detect_every=args.detect_every, batch_size=args.batch_size, overwrite=True)
     summary = lipsync(args.input, args.audio, args.output, options, progress)
     print("RESULT " + json.dumps({
@@ -223,6 +234,7 @@ def main(argv=None):
     parser.add_argument("--detect-every", type=int, default=None, help="frames between face detections")
     parser.add_argument("--backbone", default="identity", help="identity (default, no weights) or dck, ...")
     parser.add_argument("--weights", default=None, help="checkpoint for --backbone")
+    parser.add_argument("--adapt", action="store_true", help="adapt dck to the input first (lipsync --adapt)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -252,6 +264,13 @@ def main(argv=None):
             print(f"making {args.minutes:g} min of 1280x720 25 fps input in {workdir} ...", flush=True)
             args.input, made_audio = make_input(workdir, args.minutes)
             args.audio = args.audio or made_audio
+            if args.adapt:  # adaptation learns from the video's own speech: give it the track
+                import helpers
+
+                talking = args.input.with_name(f"{args.input.stem}_speech.mp4")
+                helpers.run_ffmpeg(["-i", str(args.input), "-i", str(made_audio), "-map", "0:v", "-map", "1:a",
+                                    "-c:v", "copy", "-c:a", "aac", str(talking)])
+                args.input = talking
             print(f"  made in {time.perf_counter() - started:.0f} s", flush=True)
         args.audio = args.audio or args.input
         from dubber import media
@@ -264,9 +283,11 @@ def main(argv=None):
                "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         if args.weights:
             cmd += ["--weights", str(args.weights)]
+        if args.adapt:
+            cmd += ["--adapt"]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         print(f"input: {args.input.name}, {info.width}x{info.height} {info.fps:g} fps, {info.duration:.1f} s; "
-              f"backbone {args.backbone}, detect every {args.detect_every} frames", flush=True)
+              f"backbone {args.backbone}{' (adapted to the input first)' if args.adapt else ''}, detect every {args.detect_every} frames", flush=True)
 
         started = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)

@@ -60,8 +60,8 @@ def lower_face_mask(crop_landmarks: np.ndarray, size: int, pads=(0, 0, 0, 0)) ->
     across = lm[MOUTH_RIGHT] - lm[MOUTH_LEFT]
     corners = np.stack([lm[MOUTH_LEFT] - MOUTH_MARGIN * across, lm[MOUTH_RIGHT] + MOUTH_MARGIN * across])
     raised = corners + (lowered[len(lowered) // 2] - lm[UPPER_LIP_TOP])  # up to the nose line: corners move
-    mask = _polygon(np.concatenate([lowered, corners, raised, lm[CHIN]]), size)
-    mask = np.minimum(mask, _polygon(np.concatenate([lm[LOWER_JAW], lowered]), size))
+    mask = hull_mask(np.concatenate([lowered, corners, raised, lm[CHIN]]), size)
+    mask = np.minimum(mask, hull_mask(np.concatenate([lm[LOWER_JAW], lowered]), size))
     if any(round(p) for p in pads):
         mask = _pad_region(mask, [int(round(p)) for p in pads])
     sigma = MASK_FEATHER * size
@@ -69,7 +69,7 @@ def lower_face_mask(crop_landmarks: np.ndarray, size: int, pads=(0, 0, 0, 0)) ->
     return mask * border_mask(size)
 
 
-def _polygon(points: np.ndarray, size: int) -> np.ndarray:
+def hull_mask(points: np.ndarray, size: int) -> np.ndarray:
     """The convex hull of crop-space points filled: uint8 [size, size] (255 inside, anti-aliased)."""
     import cv2
 

@@ -27,7 +27,7 @@ def default_crop_specs() -> List[CropSpec]:
 
 def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec] = (),
                choice: FaceChoice = FaceChoice(), progress: Optional[ProgressHook] = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, workers: int = 1) -> Path:
     """Analyse one photo/video and write `<out_dir>/<stem>.npz`.
 
     Arrays (N frames): fps, width, height, landmarks [N,68,2], boxes [N,4], valid [N],
@@ -35,7 +35,8 @@ def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec]
     where no face), has_audio; when the file has a non-silent audio track, mel [80,T] and
     envelope [T] (audio.envelope at each mel column's time, MEL_FPS a second: audio.speech_frames
     applies at any frame time and lag). A video is decoded once when its frames fit
-    KEEP_FRAMES_BYTES, else a second time for the crops.
+    KEEP_FRAMES_BYTES, else a second time for the crops; then `workers` 2 tracks its later part
+    in a second process meanwhile (dubber.analysis.analyse).
     """
     out_dir = Path(out_dir)
     face_path = media.check_input(face_path)
@@ -44,7 +45,7 @@ def preprocess(face_path: PathLike, out_dir: PathLike, specs: Sequence[CropSpec]
     info = media.probe(face_path)
     frame_count = round(info.duration * info.fps)  # 0 when ffmpeg does not know the duration: decode twice
     keep = info.has_video and 0 < frame_count * info.width * info.height * 3 <= KEEP_FRAMES_BYTES
-    analysis = analyse(face_path, choice, progress=progress, keep_frames=keep, info=info)
+    analysis = analyse(face_path, choice, progress=progress, keep_frames=keep, info=info, workers=workers)
     track = analysis.track
     arrays: Dict[str, np.ndarray] = {
         "version": np.array(CACHE_VERSION), "fps": np.array(analysis.fps),

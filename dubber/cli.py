@@ -22,6 +22,7 @@ from dubber import options as check
 from dubber.errors import DubberError
 from dubber.apply import BATCH_FRAMES
 from dubber.media import VIDEO_CRF, VIDEO_PRESET
+from dubber.train.adapt import DEFAULT_MINUTES as ADAPT_MINUTES
 from dubber.train.adapt import DEFAULT_STEPS
 
 EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -135,9 +136,14 @@ def lipsync(
                                                       "own speech; see `dubber adapt`), then dub with it."),
     adapt_steps: Optional[int] = typer.Option(None, help="Optimiser steps of --adapt (default: the backbone's: "
                                                          f"{_STEPS_NOTE})."),
-    adapt_minutes: Optional[float] = typer.Option(None, help="Stop --adapt after this much training time."),
+    adapt_minutes: Optional[float] = typer.Option(None, help="Stop --adapt after this many minutes in all "
+                                                             f"(default {ADAPT_MINUTES:g})."),
     adapt_out: Optional[Path] = typer.Option(None, help="Keep the --adapt model in this .pt file (default: a "
                                                         "temporary file; a rerun continues from its checkpoint)."),
+    mouth_bank: bool = typer.Option(False, "--mouth-bank", help="Replace the generated lips with the closest real "
+                                                                "ones of the FACE video (its own mouths, by shape)."),
+    mouth_bank_source: Optional[Path] = typer.Option(None, help="Take the --mouth-bank's mouths from this video of "
+                                                                "the person instead (implies --mouth-bank)."),
 ):
     """Dub FACE with AUDIO: `dubber lipsync face.jpg speech.wav -o out.mp4`.
 
@@ -151,7 +157,8 @@ def lipsync(
                              detector=detector, face_index=face_index, voices=voices,
                              face_box=check.face_box("--face-box", face_box), face=chosen, batch_size=batch_size,
                              crf=crf, overwrite=overwrite, start=start, duration=duration, loop=loop, pads=pads,
-                             smooth=smooth, reuse_analysis=reuse_analysis, preset=preset)
+                             smooth=smooth, reuse_analysis=reuse_analysis, preset=preset, mouth_bank=mouth_bank,
+                             mouth_bank_source=mouth_bank_source)
     notes = options.check()
     _check_lipsync_adapt(adapt, adapt_steps, adapt_minutes, adapt_out, options)
     is_batch = face.is_dir() or face.suffix.lower() == ".csv"
@@ -515,7 +522,8 @@ def adapt(
     backbone: str = typer.Option("dck", help="Backbone whose shipped weights are adapted."),
     steps: Optional[int] = typer.Option(None, help="Total optimiser steps (default: the backbone's: "
                                                    f"{_STEPS_NOTE}; a rerun continues to this count)."),
-    minutes: Optional[float] = typer.Option(None, help="Stop after this much training time (rerun to go on)."),
+    minutes: Optional[float] = typer.Option(None, help=f"Stop after this many minutes in all, preprocessing "
+                                                       f"included (default {ADAPT_MINUTES:g}; rerun to go on)."),
     cache: Optional[Path] = typer.Option(None, help="Keep the preprocess cache in this folder (default: a "
                                                     "temporary one)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -582,6 +590,8 @@ def evaluate(
     sync_expert: Optional[Path] = typer.Option(None, help="SyncNet weights (default: weights/syncnet.pt)."),
     no_sync_expert: bool = typer.Option(False, help="Skip LSE-D/LSE-C (model-free sync only)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    mouth_bank_source: Optional[Path] = typer.Option(None, help="Dub the backbones with the mouth bank of this "
+                                                                "video of the person (never one of the clips)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Score backbones against ground truth, static-frame and shifted-audio baselines."""
@@ -593,13 +603,16 @@ def evaluate(
     from dubber.eval import run
 
     _check_eval(dataset, root, backbone, split, limit, mode, out, sync_expert, no_sync_expert, device)
+    if mouth_bank_source is not None:
+        check.existing_file("--mouth-bank-source", mouth_bank_source)
     clips = run.list_clips(dataset, root, split, limit)
     expert = None if no_sync_expert else run.load_sync_expert(sync_expert)
     _clear_eval_outputs(out)
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     with _progress(quiet) as hook:
         step = (lambda k: hook("evaluate", 1, len(clips))) if hook else None
-        summary = run.evaluate(clips, out, backbone, mode, expert, device, dub, log=log, on_clip=step)
+        summary = run.evaluate(clips, out, backbone, mode, expert, device, dub, log=log, on_clip=step,
+                               mouth_bank_source=mouth_bank_source)
     failed = json.loads((out / "summary.json").read_text()).get("failed", [])
     if len(failed) == len(clips):
         _fail(f"every clip failed ({len(clips)} of {len(clips)}), e.g. {failed[0]['error']}")

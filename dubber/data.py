@@ -151,7 +151,9 @@ def build_cache(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec
     one of the `specs` crops (default: dubber.cache.default_crop_specs), in `workers` processes.
 
     Returns the cache files of the items (in order) that have one. A file that fails is logged
-    and skipped, never stopping the build; progress: ProgressHook stage "build cache", one step a file.
+    and skipped, never stopping the build; progress: ProgressHook stage "build cache", one step a file,
+    and, when one file is built, its frames as they are tracked and cropped (the stages of
+    dubber.cache.preprocess): one long video is minutes of work with no file finishing.
     """
     from dubber.cache import default_crop_specs, is_current
 
@@ -162,7 +164,7 @@ def build_cache(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec
     if len(sources) > len(todo):
         step(len(sources) - len(todo))
     failed = set()
-    for target, error in _build_all(todo, specs, workers):
+    for target, error in _build_all(todo, specs, workers, progress):
         if error is not None:
             log(f"skipped: {error}")
             failed.add(target)
@@ -171,11 +173,13 @@ def build_cache(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec
     return [target for target in sources if target not in failed]
 
 
-def _build_all(todo: List[Tuple[Path, Path]], specs: List[CropSpec], workers: int) -> Iterator[Tuple[Path, Optional[str]]]:
-    """(target, error or None) for each (source, target) of `todo`, as they finish."""
-    if workers <= 1 or len(todo) <= 1:
+def _build_all(todo: List[Tuple[Path, Path]], specs: List[CropSpec], workers: int,
+               progress: Optional[ProgressHook] = None) -> Iterator[Tuple[Path, Optional[str]]]:
+    """(target, error or None) for each (source, target) of `todo`, as they finish; `progress`
+    sees the frames of a lone file (each stage is one bar, sized for one file)."""
+    if workers <= 1 or len(todo) <= 1:  # a lone file: the workers track its parts (dubber.analysis.analyse)
         for source, target in todo:
-            yield target, _build_one(source, target, specs)
+            yield target, _build_one(source, target, specs, progress if len(todo) == 1 else None, workers)
         return
     # spawn: fresh interpreters, so nothing of the parent (torch, its threads, its memory) is inherited
     context = multiprocessing.get_context("spawn")
@@ -220,12 +224,13 @@ def _one_thread_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _build_one(source: Path, target: Path, specs: List[CropSpec]) -> Optional[str]:
+def _build_one(source: Path, target: Path, specs: List[CropSpec],
+               progress: Optional[ProgressHook] = None, workers: int = 1) -> Optional[str]:
     """Write `target` (the cache of `source`); the error message when that fails, else None."""
     from dubber.cache import preprocess
 
     try:
-        preprocess(source, target.parent, specs, overwrite=True)
+        preprocess(source, target.parent, specs, progress=progress, overwrite=True, workers=workers)
     except DubberError as exc:
         return str(exc)
     except Exception as exc:  # a library failing on one odd file must not stop the build

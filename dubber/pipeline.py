@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from dubber.conditioning import identity_frame
 from dubber.errors import DubberError
 from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.track import DETECT_EVERY
+
+if TYPE_CHECKING:  # built only with --mouth-bank
+    from dubber.mouthbank import MouthBank
 
 MEL_CHUNK_FRAMES = 256  # output frames whose mel windows are cut at once
 PASTE_AHEAD = 8  # generated frames handed to the paste thread before the oldest is waited for
@@ -66,6 +69,8 @@ class LipsyncOptions:
     smooth: bool = True  # smooth the face alignment over time
     reuse_analysis: bool = True  # keep each input's face analysis (dubber.analysis.analyse_stored) and reuse it
     voices: Optional[Dict[int, PathLike]] = None  # several speakers: face id (`dubber faces`) -> its speech
+    mouth_bank: bool = False  # replace the generated lips by the closest real ones (dubber.mouthbank)
+    mouth_bank_source: Optional[PathLike] = None  # the video whose mouths the bank holds (None: FACE itself)
 
     @property
     def face_choice(self) -> FaceChoice:
@@ -117,6 +122,9 @@ class LipsyncOptions:
         check.seconds("--duration", self.duration, allow_zero=False)
         check.choice("--loop", self.loop, check.LOOP_MODES)
         self.pads = check.pads("--pads", self.pads)
+        if self.mouth_bank_source is not None:
+            check.existing_file("--mouth-bank-source", self.mouth_bank_source)
+            self.mouth_bank = True
         return notes
 
     def check_input(self, info: media.MediaInfo) -> None:
@@ -132,6 +140,17 @@ class LipsyncOptions:
                                     f"own frame rate ({info.fps:.4g} fps)")
         if self.start and info.duration and self.start >= info.duration - 0.5 / info.fps:
             raise check.OptionError("--start", self.start, f"{name} is only {info.duration:.3f} s long")
+
+    def check_bank(self, info: media.MediaInfo) -> Optional[media.MediaInfo]:
+        """The mouth bank's source (its probe; None without --mouth-bank): a video, not a photo."""
+        if not self.mouth_bank:
+            return None
+        bank = info if self.mouth_bank_source is None else media.probe(media.check_input(self.mouth_bank_source))
+        if bank.is_image or not bank.has_video:
+            option = "--mouth-bank" if self.mouth_bank_source is None else "--mouth-bank-source"
+            raise check.OptionError(option, bank.path.name, "the mouth bank needs a video of the person (a photo "
+                                    "holds one mouth); name one with --mouth-bank-source")
+        return bank
 
 
 @dataclass
@@ -294,6 +313,7 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
     output = media.check_output(output, [p for p in inputs if p is not None], options.overwrite)
     info = media.probe(face_path)
     options.check_input(info)
+    bank_info = options.check_bank(info)
     backbone = resolve_backbone(options, info.is_image)
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
@@ -320,7 +340,7 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
             chosen = [(options.face, box, audio_path)]
         first, _ = _segment(info, options)
         speakers = [_speaker(face_path, info, dataclasses.replace(options, face_box=box), face_id, mels[face_id],
-                             backbone, progress, first) for face_id, box, _ in chosen]
+                             backbone, progress, first, bank_info) for face_id, box, _ in chosen]
         fps, n_src = speakers[0].analysis.fps, len(speakers[0].analysis.track)
         n_out = max(1, int(round(duration * fps)))
         summary = Summary(output=output, backbone=getattr(backbone, "name", type(backbone).__name__),
@@ -360,10 +380,12 @@ class _Speaker:
     mel: np.ndarray
     transforms: np.ndarray  # [n_src, 2, 3] frame -> crop, NaN where no face
     identity: Optional[np.ndarray]
+    bank: Optional["MouthBank"] = None  # this face's real mouths (--mouth-bank)
 
 
 def _speaker(face_path: Path, info: media.MediaInfo, options: LipsyncOptions, face_id: Optional[int], mel: np.ndarray,
-             backbone: Backbone, progress: Optional[ProgressHook], first: int) -> "_Speaker":
+             backbone: Backbone, progress: Optional[ProgressHook], first: int,
+             bank_info: Optional[media.MediaInfo] = None) -> "_Speaker":
     if progress is not None and options.voices:  # one progress bar per face
         hook = progress
         progress = lambda stage, advance, total: hook(f"{stage} ({face_id})", advance, total)  # noqa: E731
@@ -374,7 +396,16 @@ def _speaker(face_path: Path, info: media.MediaInfo, options: LipsyncOptions, fa
     if index is not None:
         frame = next(_frames_in_order(analysis, np.array([index]), first))
         identity = warp_crop(frame, transforms[index], backbone.crop.size)
-    return _Speaker(face_id, analysis, mel, transforms, identity)
+    bank = None
+    if bank_info is not None:
+        from dubber.mouthbank import build_bank
+
+        if bank_info.path == info.path:  # the part being dubbed (--start/--duration): its analysis is at hand
+            bank = build_bank(info, analysis.track, backbone.crop, first, options.smooth, progress=progress)
+        else:  # another video of the person: the face chosen as in FACE (largest, --face-box ...)
+            other = _analyse(bank_info.path, dataclasses.replace(options, start=0.0, duration=None), progress, bank_info)
+            bank = build_bank(bank_info, other.track, backbone.crop, 0, options.smooth, progress=progress)
+    return _Speaker(face_id, analysis, mel, transforms, identity, bank)
 
 
 def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np.ndarray, fps: float,
@@ -397,15 +428,23 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
                 else:
                     crop = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, spec.size)
                     last = frame, order[t], crop
-                yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]]))
+                yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]], boxes[order[t]]))
 
+    boxes = speaker.analysis.track.boxes
+    bank = speaker.bank
+    if bank is not None:
+        from dubber.mouthbank import crop_box
     paster = None  # the last frame's, reused while the frame object and its crop repeat (a photo)
 
     def paste(result) -> Tuple[np.ndarray, bool]:
         nonlocal paster
-        (frame, dubbed, matrix, points), crop, generated = result
+        (frame, dubbed, matrix, points, box), crop, generated = result
         if generated is None:
+            if bank is not None:
+                bank.reset()  # a gap: the next run starts its own sequence of real mouths
             return frame, dubbed
+        if bank is not None:  # in order on the paste thread: the bank's pick follows the frames
+            generated = bank.render(generated, crop_box(box, matrix))
         if paster is None or paster.frame is not frame or paster.source_crop is not crop:
             paster = _paster(frame, crop, matrix, points, mode, options.colour_match, options.pads)
         return paster(generated), True

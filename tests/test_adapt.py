@@ -22,6 +22,16 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory):
+    """Videos adaptation must refuse: a silent audio track, no face, too little speech."""
+    folder = tmp_path_factory.mktemp("bad")
+    silence = helpers.make_tone_speech(folder / "silence.wav", 1.0, amplitude=0)
+    return {"muted": helpers.make_face_video(folder / "muted.mp4", 1.0, audio=silence),
+            "faceless": helpers.make_face_video(folder / "faceless.mp4", 1.0, audio=True, blank=range(25)),
+            "mumble": helpers.make_face_video(folder / "mumble.mp4", 2.0, audio=0.25)}
+
+
+@pytest.fixture(scope="module")
 def adapted(tmp_path_factory, face_video, cache):
     """`dubber adapt face_motion.mp4 -o person.pt --steps 2` -> (person.pt, stderr)."""
     out = tmp_path_factory.mktemp("adapted") / "person.pt"
@@ -93,6 +103,15 @@ def test_an_interrupted_adaptation_leaves_no_model_and_resumes(face_video, cache
     assert any("at step 2" in m for m in messages) and load_package(out)["meta"]["steps"] == 3
 
 
+def test_the_loss_goes_down(face_video, cache, tmp_path):
+    from dubber.train.adapt import adapt
+
+    out = adapt(face_video, tmp_path / "person.pt", steps=12, device="cpu", cache_dir=cache, log=lambda m: None)
+    losses = load_package(out)["meta"]["adapted"]["losses"]  # the mean of every 3 steps
+    assert [row["step"] for row in losses] == [3, 6, 9, 12]
+    assert losses[-1]["total_g"] < losses[0]["total_g"], losses
+
+
 def test_lipsync_with_adapted_weights(adapted, face_video, speech_1s, tmp_path):
     out, _ = adapted
     dubbed, generic = tmp_path / "adapted.mp4", tmp_path / "generic.mp4"
@@ -126,6 +145,10 @@ def test_lipsync_adapt_then_dub_in_one_run(face_video, speech_1s, tmp_path):
     (["adapt", "{video}", "-o", "{tmp}/p.pt", "--backbone", "toy_frame"], 2, ["--backbone toy_frame", "dck"]),
     (["adapt", "{photo}", "-o", "{tmp}/p.pt"], 1, ["is a photo"]),
     (["adapt", "{silent}", "-o", "{tmp}/p.pt"], 1, ["no audio track"]),
+    (["adapt", "{muted}", "-o", "{tmp}/p.pt"], 1, ["muted.mp4", "its audio track is silent"]),
+    (["adapt", "{faceless}", "-o", "{tmp}/p.pt", "-q"], 1, ["faceless.mp4", "no face"]),  # -q: found while tracking
+    (["adapt", "{mumble}", "-o", "{tmp}/p.pt", "-q"], 1, ["mumble.mp4", "s of speech with a visible face",
+                                                     "needs at least 0.5 s"]),
     (["lipsync", "{photo}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt"], 1, ["is a photo", "one frame"]),
     (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt-steps", "3"], 2, ["--adapt-steps 3",
                                                                                           "with --adapt"]),
@@ -139,11 +162,38 @@ def test_lipsync_adapt_then_dub_in_one_run(face_video, speech_1s, tmp_path):
      ["--adapt-out", "is a folder"]),
     (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--weights", "{expert}"], 1, ["not 'dck'"]),
 ])
-def test_refusals(args, code, words, face_video, face_video_silent, face_still, speech_1s, tmp_path):
+def test_refusals(args, code, words, face_video, face_video_silent, face_still, speech_1s, bad_videos, tmp_path):
     values = {"video": face_video, "silent": face_video_silent, "photo": face_still, "speech": speech_1s,
-              "tmp": tmp_path, "base": weights_path("dck"), "expert": weights_path("syncnet")}
+              "tmp": tmp_path, "base": weights_path("dck"), "expert": weights_path("syncnet"), **bad_videos}
     got, stdout, stderr = helpers.run_cli([a.format(**values) for a in args])
     assert got == code, stderr
     line = stderr.strip()
     assert line.startswith("error: ") and "\n" not in line and all(w in line for w in words), line
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_an_unwritable_output_is_refused_before_any_work(face_video, tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder")
+    code, _, stderr = helpers.run_cli(["adapt", face_video, "-o", tmp_path / "file.txt" / "p.pt"])
+    line = stderr.strip()
+    assert code == 2 and line.startswith("error: -o") and "\n" not in line, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_the_measured_lag_corrects_a_known_shift(grid_clip, tmp_path):
+    """A GRID clip (in sync) with its audio delayed by 3 frames: the expert finds 3 frames less
+    than on the original, and the adaptation trains at that lag."""
+    from dubber.backbones import weights_path
+    from dubber.train.adapt import _measured_lag, adapt
+    from dubber.train.recipes import recipe_for
+
+    shifted = tmp_path / "shifted" / grid_clip.name
+    shifted.parent.mkdir()
+    helpers.run_ffmpeg(["-i", str(grid_clip), "-c:v", "copy", "-af", "adelay=120:all=1", "-t", "3",
+                        "-c:a", "aac", str(shifted)])  # 120 ms = 3 frames at 25 fps
+    specs = list(recipe_for("dck", init=str(weights_path("dck"))).crops())
+    item = {"path": grid_clip, "identity": "s1", "lag": 0}
+    original = _measured_lag(item, tmp_path / "cache", specs, None, lambda m: None)
+    out = adapt(shifted, tmp_path / "person.pt", steps=1, device="cpu", cache_dir=tmp_path / "cache",
+                log=lambda m: None)
+    assert load_package(out)["meta"]["adapted"]["lag"] == original - 3

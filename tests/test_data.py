@@ -77,6 +77,9 @@ def test_build_cache_is_incremental(talking, tmp_path):
     steps = []
     assert data.build_cache(items, tmp_path, [FACE96], workers=1, progress=lambda *a: steps.append(a)) == [target]
     assert steps[0] == ("build cache", 0, 1) and steps[-1] == ("build cache", 1, 1)
+    frames = len(cache.load_cache(target, ["valid"])["valid"])
+    for stage in ("detect faces", "crop faces"):  # one file: its frames show as they are done
+        assert sum(a for s, a, _ in steps if s == stage) == frames > 1, stage
     first = target.stat().st_ino
     assert data.build_cache(items, tmp_path, [FACE96], workers=1) == [target]
     assert target.stat().st_ino == first  # current: not rebuilt

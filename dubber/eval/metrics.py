@@ -10,6 +10,7 @@ around the real mouth, mean opening in silence.
 Sign convention shared by every lag/offset here: positive = the mouth moves after the sound.
 """
 
+import math
 import warnings
 from typing import NamedTuple, Optional
 
@@ -409,6 +410,19 @@ def mouth_sharpness(grays, boxes: np.ndarray) -> float:
     if len(boxes) != len(grays):
         raise ValueError(f"{len(grays)} frames for {len(boxes)} boxes")
     return float(np.mean([laplacian_variance(cut_box(g, box)) for g, box in zip(grays, boxes)]))
+
+
+def mouth_flicker(images, boxes: np.ndarray, frames: np.ndarray) -> float:
+    """Mean frame-to-frame change inside the mouth box (grey levels, mean absolute difference):
+    images [N,H,W(,C)] uint8 of frames `frames` [N] (ascending source indices), boxes [N,4] from
+    mouth_box; only pairs of consecutive frames count, each judged in the earlier frame's box.
+    Real speech moves the mouth too: compare a system's figure with the ground truth's. NaN
+    without a consecutive pair."""
+    if not len(boxes) == len(images) == len(frames):
+        raise ValueError(f"{len(images)} frames, {len(frames)} indices and {len(boxes)} boxes")
+    changes = [np.abs(cut_box(images[k + 1], boxes[k]).astype(np.float64) - cut_box(images[k], boxes[k])).mean()
+               for k in range(len(frames) - 1) if frames[k + 1] == frames[k] + 1]
+    return float(np.mean(changes)) if changes else math.nan
 
 
 def mouth_opening_correlation(opening: np.ndarray, real_opening: np.ndarray) -> float:

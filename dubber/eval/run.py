@@ -50,7 +50,7 @@ COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "lse_d0", "lse_c0", 
            "offset_accuracy", "offset_accuracy_speech", "av_corr", "av_best_corr", "av_best_lag",
            "lse_c0_original", "av_corr_original", "fps_model", "fps_end_to_end",
            "mouth_corr", "mouth_psnr", "mouth_sharpness", "mouth_sharpness_ratio", "silence_opening",
-           "silence_opening_real")
+           "silence_opening_real", "mouth_flicker")
 TABLE_NOTE = ("lse_d / lse_c: Wav2Lip's, at the best audio offset within +-15 frames, so a shift inside that "
               "range is found and forgiven (it shows in sync_offset); lse_d0 / lse_c0: at the delivered alignment.")
 
@@ -135,11 +135,15 @@ class Evaluator:
     """Scores systems on clips; holds the sync expert and the pipeline options."""
 
     def __init__(self, backbones: Sequence[str], mode: str = "video", sync_expert=None,
-                 device: str = "auto", dub: bool = False, log: Callable[[str], None] = lambda m: None):
+                 device: str = "auto", dub: bool = False, log: Callable[[str], None] = lambda m: None,
+                 mouth_bank_source: Optional[Path] = None):
         if mode not in ("video", "photo"):
             raise DubberError(f"unknown eval mode {mode!r}; choose video or photo")
         self.backbones, self.mode, self.sync_expert = list(backbones), mode, sync_expert
         self.device, self.dub, self.log = device, dub, log
+        # The backbones' lips replaced from this video's mouths (dubber.mouthbank): another video
+        # of the person, never the clips scored (their own mouths are the answer).
+        self.mouth_bank_source = mouth_bank_source
 
     def systems(self) -> List[str]:
         names = list(BASELINES) + self.backbones
@@ -151,7 +155,8 @@ class Evaluator:
                   workdir: Path, n: int, system: str) -> SystemVideo:
         from dubber.pipeline import LipsyncOptions, lipsync
 
-        options = LipsyncOptions(backbone=backbone, device=self.device, fps=fps, overwrite=True)
+        options = LipsyncOptions(backbone=backbone, device=self.device, fps=fps, overwrite=True,
+                                 mouth_bank_source=self.mouth_bank_source)
         face = clip.path
         if self.mode == "photo":
             face = workdir / f"{clip.path.stem}_first.png"
@@ -214,6 +219,8 @@ class Evaluator:
         info = media.probe(clip.path)
         if not (info.has_video and info.has_audio):
             raise DubberError("evaluation clips need video and audio", clip.path)
+        if self.mouth_bank_source is not None and media.file_sha256(self.mouth_bank_source) == media.file_sha256(clip.path):
+            raise DubberError("is the mouth bank's own source: its mouths are the answer being scored", clip.path)
         fps = info.fps
         real = _decode(clip.path)
         n = len(real)
@@ -271,6 +278,7 @@ class Evaluator:
                                                        mouth_boxes[idx])
             row["cpbd"] = float(np.mean([metrics.cpbd(_gray(crops[i])) for i in idx[::3]]))
             row["mouth_sharpness"] = metrics.mouth_sharpness([_gray(crops[i]) for i in idx], mouth_boxes[idx])
+            row["mouth_flicker"] = metrics.mouth_flicker([crops[i] for i in idx], mouth_boxes[idx], idx)
             row["mouth_sharpness_ratio"] = row["mouth_sharpness"] / real_sharpness if real_sharpness > 0 else math.nan
             # Silence of the speech that drives this system (a dub's: the new speech).
             speech = audio.speech_frames(video.speech.envelope)
@@ -438,14 +446,16 @@ def load_sync_expert(path: Optional[Path] = None):
 def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = (), mode: str = "video",
              sync_expert=None, device: str = "auto", dub: bool = False, sheets: bool = True,
              log: Callable[[str], None] = lambda m: None,
-             on_clip: Optional[Callable[[int], None]] = None, report: bool = True) -> Dict[str, Dict[str, float]]:
+             on_clip: Optional[Callable[[int], None]] = None, report: bool = True,
+             mouth_bank_source: Optional[Path] = None) -> Dict[str, Dict[str, float]]:
     """Score every clip, write clips.csv, summary.json, the sheets and (with `report`) report.html
-    with its series and videos (dubber.eval.report); return the per-system summary."""
+    with its series and videos (dubber.eval.report); return the per-system summary.
+    mouth_bank_source: dub the backbones with the mouth bank of this video (not one of the clips)."""
     from dubber.eval import report as report_module
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(backbones, mode, sync_expert, device, dub, log)
+    evaluator = Evaluator(backbones, mode, sync_expert, device, dub, log, mouth_bank_source)
     if sheets:  # an earlier run's mouth sheets, so none of a clip this run does not score stays
         for stale in (out_dir / "sheets" / MOUTH_SHEETS).glob("*.png"):
             stale.unlink()
@@ -474,7 +484,8 @@ def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = ()
     summary = summarise(rows, evaluator.systems())
     results = {"mode": mode, "clips": len(clips), "failed": failures, "seconds": time.perf_counter() - started,
                "metric_crop": f"{METRIC_CROP.kind} {METRIC_CROP.size}x{METRIC_CROP.size}",
-               "shift_seconds": SHIFT_SECONDS, "systems": summary}
+               "shift_seconds": SHIFT_SECONDS, "systems": summary,
+               "mouth_bank_source": None if mouth_bank_source is None else str(mouth_bank_source)}
     with media.atomic_output(out_dir / "summary.json") as tmp_json:
         tmp_json.write_text(json.dumps(results, indent=2))
     if report:

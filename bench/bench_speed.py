@@ -149,29 +149,8 @@ def qualified_name(filename: str, line: int, name: str) -> str:
     return _definitions(filename).get(line, name)
 
 
-def profile_child(face: str, speech: str, out: str, device: str, precision: str) -> None:
-    """Run lipsync once under cProfile (CPU-time clock) and print the stage table as JSON."""
-    import cProfile
-    import pstats
-
-    before_imports = time.process_time()
-    import torch  # noqa: F401  (what the CLI imports before it starts)
-
-    from dubber.pipeline import lipsync
-
-    imports_cpu = time.process_time() - before_imports
-    main0, process0 = time.thread_time(), time.process_time()
-    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    profiler = cProfile.Profile(time.thread_time)
-    started = time.perf_counter()
-    profiler.enable()
-    summary = lipsync(face, speech, out, overwrite=True, device=device, precision=precision)
-    profiler.disable()
-    wall = time.perf_counter() - started
-    main, process = time.thread_time() - main0, time.process_time() - process0
-    child = resource.getrusage(resource.RUSAGE_CHILDREN)
-    children = child.ru_utime + child.ru_stime - child0.ru_utime - child0.ru_stime
-    stats = pstats.Stats(profiler).stats
+def stage_seconds(stats: dict) -> dict:
+    """{stage: inclusive CPU seconds} of a pstats table (paste-back without the colour match it calls)."""
     inclusive = {}
     for (filename, line, name), (_, _, _, cumulative, _) in stats.items():
         name = qualified_name(filename, line, name)
@@ -179,9 +158,49 @@ def profile_child(face: str, speech: str, out: str, device: str, precision: str)
             if any(filename.endswith(f) and name == n for f, n in functions):
                 inclusive[stage] = inclusive.get(stage, 0.0) + cumulative
     inclusive["paste-back"] = inclusive.get("paste-back", 0.0) - inclusive.get("colour match", 0.0)
-    rows = [(stage, inclusive.get(stage, 0.0)) for stage, *_ in STAGES]
-    rows.append(("other (main thread)", main - sum(v for _, v in rows)))
-    rows.append(("model (worker + torch threads)", process - main))
+    return inclusive
+
+
+def profile_child(face: str, speech: str, out: str, device: str, precision: str) -> None:
+    """Run lipsync once under cProfile (CPU-time clock) and print the stage table as JSON.
+
+    The main thread and every thread it starts (the paste thread, the model worker) are profiled;
+    stages are summed over them. "model" is what no profiled function of a stage accounts for
+    outside the main thread: torch's own threads and the model worker's calls."""
+    import cProfile
+    import pstats
+    import threading
+
+    before_imports = time.process_time()
+    import torch  # noqa: F401  (what the CLI imports before it starts)
+
+    from dubber.pipeline import lipsync
+
+    imports_cpu = time.process_time() - before_imports
+    thread_profilers = []
+
+    def profile_thread(*_):  # a new thread's first event: profile it from here on
+        thread_profilers.append(cProfile.Profile(time.thread_time))
+        thread_profilers[-1].enable()
+
+    main0, process0 = time.thread_time(), time.process_time()
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    profiler = cProfile.Profile(time.thread_time)
+    started = time.perf_counter()
+    threading.setprofile(profile_thread)
+    profiler.enable()
+    summary = lipsync(face, speech, out, overwrite=True, device=device, precision=precision)
+    profiler.disable()
+    threading.setprofile(None)
+    wall = time.perf_counter() - started
+    main, process = time.thread_time() - main0, time.process_time() - process0
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = child.ru_utime + child.ru_stime - child0.ru_utime - child0.ru_stime
+    in_main = stage_seconds(pstats.Stats(profiler).stats)
+    in_threads = stage_seconds(pstats.Stats(*thread_profilers).stats) if thread_profilers else {}
+    rows = [(stage, in_main.get(stage, 0.0) + in_threads.get(stage, 0.0)) for stage, *_ in STAGES]
+    rows.append(("other (main thread)", main - sum(in_main.values())))
+    rows.append(("model (worker + torch threads)", process - main - sum(in_threads.values())))
     rows.append(("child processes (ffmpeg x3, tracker)", children))
     print(json.dumps({"frames": summary.frames, "wall": wall, "imports_cpu": imports_cpu, "rows": rows,
                       "cpu": process + children}))

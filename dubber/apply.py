@@ -55,7 +55,9 @@ class Generator:
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.autocast_bf16 = precision == "bf16"
         self.backbone.to(device=device, dtype=self.dtype).eval()
-        if channels_last and device.type == "cpu":  # NHWC convolutions: DCK 107 -> 117 frames/s with 2
+        # NHWC is a layout of 4-D tensors: a model with 3-D convolutions (Glance's 5-D kernels) keeps its own
+        flat = all(p.dim() <= 4 for p in self.backbone.parameters())
+        if channels_last and device.type == "cpu" and flat:  # NHWC convolutions: DCK 107 -> 117 frames/s with 2
             # threads, 21 -> 25 with 1 (batch 16), the same numbers to 4e-6; a model in training keeps its layout
             self.backbone.to(memory_format=torch.channels_last)
         self.seconds = 0.0

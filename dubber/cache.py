@@ -12,12 +12,16 @@ import numpy as np
 from dubber import audio, media
 from dubber.analysis import FaceChoice, ProgressHook, analyse, progress_step
 from dubber.errors import DubberError
-from dubber.face.align import crop_transforms, warp_crop
-from dubber.face.crops import CROP_BOX, CROP_FACE, CropSpec
+from dubber.face.align import LIPS_SIDE, compose_affine, crop_transforms, inverse_affine, warp_crop
+from dubber.face.crops import CROP_BOX, CROP_FACE, CROP_KINDS, CROP_LIPS, CropSpec
 
 CACHE_VERSION = 2  # 2: adds `envelope`
 READABLE_VERSIONS = (1, 2)  # version-1 files load without `envelope` (speech unknown)
 KEEP_FRAMES_BYTES = 1 << 30  # decoded frames held between tracking and cropping (one decode); longer inputs decode twice
+# A lips crop is a square inside the aligned face, so a cache without it is not rebuilt (detection
+# and landmarks again): it is resampled from the stored crop that has the most pixels for it, when
+# that stretches its pixels by at most this factor (lips:64 from box:128: 1.09; from face:96: 1.45).
+MAX_DERIVE_UPSAMPLE = 1.5
 PathLike = Union[str, Path]
 
 
@@ -112,9 +116,51 @@ def load_cache(path: PathLike, keys: Optional[Iterable[str]] = None) -> Dict[str
 
 
 def is_current(path: PathLike, specs: Sequence[CropSpec]) -> bool:
-    """Whether `path` is a cache of this version holding every crop in `specs` (reads only the version)."""
+    """Whether `path` is a cache of this version holding every crop in `specs`, or one it can be
+    derived from (derive_source; reads only the version and the names)."""
     try:
         with np.load(path) as data:
-            return int(data["version"]) == CACHE_VERSION and all(f"crops_{s.key}" in data.files for s in specs)
+            stored = stored_crops(data.files)
+            return int(data["version"]) == CACHE_VERSION and all(
+                s in stored or derive_source(s, stored) is not None for s in specs)
     except Exception:  # missing, truncated, not a cache: all mean "build it again"
         return False
+
+
+def stored_crops(names: Iterable[str]) -> List[CropSpec]:
+    """The crops a cache holds, from its array names (crops_<kind><size>)."""
+    specs = []
+    for name in names:
+        key = name[len("crops_"):] if name.startswith("crops_") else ""
+        kind = key.rstrip("0123456789")
+        if kind in CROP_KINDS and key[len(kind):].isdigit():
+            specs.append(CropSpec(kind, int(key[len(kind):])))
+    return specs
+
+
+def _pixels_per_face(spec: CropSpec) -> float:
+    """Crop pixels per full-face crop side: face and box crops span the face, lips LIPS_SIDE of it."""
+    return spec.size / (LIPS_SIDE if spec.kind == CROP_LIPS else 1.0)
+
+
+def derive_source(spec: CropSpec, stored: Sequence[CropSpec]) -> Optional[CropSpec]:
+    """The stored crop a missing lips crop is resampled from (the most pixels for it), or None when
+    it cannot be derived (not a lips crop, or every stored crop stretches more than MAX_DERIVE_UPSAMPLE)."""
+    candidates = [s for s in stored if s.kind in (CROP_FACE, CROP_BOX)]
+    if spec.kind != CROP_LIPS or not candidates:
+        return None
+    source = max(candidates, key=_pixels_per_face)
+    return source if _pixels_per_face(spec) / _pixels_per_face(source) <= MAX_DERIVE_UPSAMPLE else None
+
+
+def derive_crops(cache: Dict[str, np.ndarray], spec: CropSpec, source: CropSpec):
+    """(transforms [N, 2, 3], crops uint8 RGB [N, S, S, 3]) of `spec`, from a cache's landmarks and
+    its `source` crops: the transforms exactly as preprocess computes them, each crop warped from
+    the source crop through source-crop -> frame -> spec-crop (zeros where no face)."""
+    transforms = crop_transforms(cache["landmarks"], spec)
+    source_crops, source_transforms = cache[f"crops_{source.key}"], cache[f"transform_{source.key}"]
+    crops = np.zeros((len(transforms), spec.size, spec.size, 3), np.uint8)
+    for t in np.flatnonzero(~np.isnan(transforms[:, 0, 0])):
+        matrix = compose_affine(transforms[t], inverse_affine(source_transforms[t]))
+        crops[t] = warp_crop(source_crops[t], matrix, spec.size)
+    return transforms, crops

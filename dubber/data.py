@@ -263,22 +263,27 @@ def load_clips(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec]
                mel_width: int = audio.MEL_WINDOW, min_run: int = MIN_RUN) -> List[dict]:
     """Clip dicts (see the module docstring) for the cached items with audio: one per run of at
     least min_run frames with a face, holding the crops of `specs`."""
-    from dubber.cache import load_cache
+    from dubber.cache import derive_crops, derive_source, load_cache, stored_crops
 
     specs = list(specs)
     keys = ["fps", "valid", "landmarks", "has_audio", "mel", "envelope"]
-    keys += [f"{prefix}_{s.key}" for s in specs for prefix in ("crops", "transform")]
     clips = []
     for item in items:
         path = cache_path(item, cache_dir)
         if not path.exists():
             continue
-        cache = load_cache(path, keys)
+        with np.load(path) as data:
+            stored = stored_crops(data.files)
+        # a missing lips crop is resampled from a stored one (dubber.cache.derive_source)
+        sources = {s: derive_source(s, stored) for s in specs if s not in stored}
+        wanted = [s for s in specs if s in stored] + [s for s in sources.values() if s is not None]
+        cache = load_cache(path, keys + [f"{prefix}_{s.key}" for s in wanted for prefix in ("crops", "transform")])
         if not bool(cache["has_audio"]):
             continue
-        for spec in specs:
-            if f"crops_{spec.key}" not in cache:
+        for spec, source in sources.items():
+            if source is None:
                 raise DubberError(f"the cache holds no {spec} crops: build it with that crop", path)
+            cache[f"transform_{spec.key}"], cache[f"crops_{spec.key}"] = derive_crops(cache, spec, source)
         fps = float(cache["fps"])
         times = (np.arange(len(cache["valid"])) - item.get("lag", 0)) / fps
         mels = audio.mel_windows(cache["mel"], times, mel_width)

@@ -137,8 +137,11 @@ def test_load_clips_runs_lag_and_speech(talking, face_video_silent, tmp_path):
     expected = audio.speech_frames(np.where(columns >= 0, envelope[columns.clip(0)], 0))  # before the audio: silence
     assert shifted["speech"].tolist() == expected[25:].tolist() and 0 < shifted["speech"].mean() < 1
     assert data._speech_at(None, np.arange(25) / 25).all()  # a version-1 cache: speech unknown
-    with pytest.raises(DubberError, match="lips:32"):
-        data.load_clips(items, tmp_path, [CropSpec.parse("lips:32")])
+    with pytest.raises(DubberError, match="face:128"):
+        data.load_clips(items, tmp_path, [CropSpec.parse("face:128")])
+    # a lips crop is not stored but cut from the box crops (dubber.cache.derive_source)
+    lips = data.load_clips(items[:1], tmp_path, [CropSpec.parse("lips:32")])
+    assert lips[0]["crops"]["lips32"].shape == (20, 32, 32, 3) and lips[0]["crops"]["lips32"].any()
     with pytest.raises(DubberError, match="no usable clips"):
         data.load_clips(items, tmp_path, [BOX64], min_run=30)
 

@@ -20,12 +20,13 @@ WEIGHTS_DIR = Path(os.environ.get("DUBBER_WEIGHTS", Path(__file__).resolve().par
 # Registry name -> the module that defines it (imported on first use, so `dubber --help` stays fast).
 BUILTIN = {
     "dck": "dubber.backbones.dck",
+    "glance": "dubber.backbones.glance",
     "syncnet": "dubber.backbones.syncnet",  # the lip-sync expert: eval's judge, a training loss
     "toy_frame": "dubber.backbones.toy",  # reference backbones for the contract, see toy.py
     "toy_clip": "dubber.backbones.toy",
 }
 # Named by the project but not implemented yet: the error can say so.
-PLANNED = ("mia", "amie", "cran", "glance")
+PLANNED = ("mia", "amie", "cran")
 DEFAULT_VIDEO_BACKBONE = "dck"
 DEFAULT_PHOTO_BACKBONE = "dck"
 

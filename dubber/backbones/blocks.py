@@ -137,3 +137,45 @@ class AudioEncoder(nn.Module):
         out = self.net(mels)
         # Pooling keeps windows other than 16 frames usable; at 16 the map is already 1x1.
         return out.mean(dim=(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# space-time (3D) layers: clips [B, C, T, H, W] (Glance's decoder and its critics)
+
+
+class ConvNormAct3d(nn.Sequential):
+    """Conv3d (same padding) -> BatchNorm3d -> LeakyReLU.  [B, in, T, H, W] -> [B, out, T/st, H/s, W/s]
+    for stride (st, s, s); kernel and stride are ints or (t, h, w) triples."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, act: bool = True):
+        kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, kernel, stride, tuple(k // 2 for k in kernel), bias=False),
+            nn.BatchNorm3d(out_channels),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True) if act else nn.Identity(),
+        )
+
+
+class ResidualBlock3d(nn.Module):
+    """x + conv-bn-act-conv-bn(x) in space-time, then LeakyReLU.  [B, C, T, H, W] -> same."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(ConvNormAct3d(channels, channels), ConvNormAct3d(channels, channels, act=False))
+        self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class UpConv3d(nn.Sequential):
+    """3D deconvolution doubling height and width, keeping time: kernel (3, 4, 4), stride (1, 2, 2)
+    -> BatchNorm3d -> LeakyReLU.  [B, in, T, H, W] -> [B, out, T, 2H, 2W] (UpConv's kernel 4 /
+    stride 2 in space, for the same reason; a 3-frame kernel in time)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.ConvTranspose3d(in_channels, out_channels, (3, 4, 4), (1, 2, 2), (1, 1, 1), bias=False),
+            nn.BatchNorm3d(out_channels),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+        )

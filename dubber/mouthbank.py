@@ -19,11 +19,12 @@ video (the pipeline's `mouth_bank_source`), or it copies the answer.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from dubber import media
+from dubber.analysis import ProgressHook
 from dubber.blend import MASK_FEATHER, hull_mask, match_seam
 from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.crops import CropSpec
@@ -37,9 +38,6 @@ APPEARANCE = (24, 12)  # grey thumbnail (w, h) of the mouth region compared besi
 OUTER_LIP = slice(0, 12)  # of the 20 mouth points (48-59): the lips' outline
 MASK_GROW = 0.25  # the lip mask reaches this many mouth widths beyond the outer lip
 MIN_MOUTH_WIDTH = 4.0  # crop pixels: a mouth narrower than this was not found on the generated crop
-
-ProgressHook = Callable[[str, int, Optional[int]], None]
-
 
 def crop_box(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """A frame's face box (x0, y0, x1, y1) in crop coordinates: the box round its four corners warped."""

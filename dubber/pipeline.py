@@ -413,7 +413,7 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
     """(frame, dubbed so far) for each output frame, with `speaker`'s face dubbed into it where it is found."""
     backbone = generator.backbone
     spec = backbone.crop
-    landmarks = speaker.analysis.track.landmarks
+    landmarks, boxes = speaker.analysis.track.landmarks, speaker.analysis.track.boxes
     n_out = len(order)
 
     def steps() -> Iterator[Step]:
@@ -430,7 +430,6 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
                     last = frame, order[t], crop
                 yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]], boxes[order[t]]))
 
-    boxes = speaker.analysis.track.boxes
     bank = speaker.bank
     if bank is not None:
         from dubber.mouthbank import crop_box

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
 from dubber import media
+from dubber.analysis import ProgressHook
 from dubber import options as check
 from dubber.errors import DubberError
 
 PathLike = Union[str, Path]
-ProgressHook = Callable[[str, int, Optional[int]], None]
 
 # Default optimiser steps of the backbones that can be adapted (a backbone is adaptable when it
 # has an entry; the batch is its recipe's). dck: 300 steps of 16 samples draw 4,800 targets, about

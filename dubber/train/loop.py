@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from dubber.analysis import ProgressHook
 from dubber.checkpoint import save_atomic, save_model
 from dubber.errors import DubberError
 from dubber.train import distributed
@@ -31,7 +32,6 @@ LOG_EVERY = 50  # steps
 CHECKPOINT_EVERY = 500  # steps
 SEED = 0
 
-ProgressHook = Callable[[str, int, Optional[int]], None]
 
 
 def checkpoint_path_for(out_path: Union[str, Path]) -> Path:

@@ -25,6 +25,7 @@ STORE_ENTRIES = 256  # stored analyses kept (least recently used dropped); ~0.5 
 # start-up (imports, dlib's models) costs ~2 s of CPU, which a shorter one would not repay.
 PARALLEL_MIN_FRAMES = 250
 WORKER_SHARE = 0.45  # of the frames, the later part, tracked by the worker (it starts ~2 s late)
+ANALYSIS_WORKERS = 2 if (os.cpu_count() or 1) > 1 else 1  # processes tracking a long video's face (lipsync, adapt)
 ProgressHook = Callable[[str, int, Optional[int]], None]  # (stage, advance, total)
 
 

@@ -11,7 +11,6 @@ same one the preprocess cache (dubber.cache) stores.
 import collections
 import contextlib
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ import numpy as np
 
 from dubber import audio, media
 from dubber import options as check
-from dubber.analysis import Analysis, FaceChoice, ProgressHook, analyse, analyse_stored, progress_step
+from dubber.analysis import (ANALYSIS_WORKERS, Analysis, FaceChoice, ProgressHook, analyse, analyse_stored,
+                             progress_step)
 from dubber.apply import BATCH_FRAMES, Generator, Step, apply_backbone
 from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone
 from dubber.cache import load_cache
@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # built only with --mouth-bank
 
 MEL_CHUNK_FRAMES = 256  # output frames whose mel windows are cut at once
 PASTE_AHEAD = 8  # generated frames handed to the paste thread before the oldest is waited for
-ANALYSIS_WORKERS = 2 if (os.cpu_count() or 1) > 1 else 1  # processes tracking a long video's face (analyse)
 
 PathLike = Union[str, Path]
 

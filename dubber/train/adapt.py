@@ -227,7 +227,7 @@ def _clips(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook])
     speech with a visible face."""
     from dubber import data
     from dubber.cache import load_cache
-    from dubber.pipeline import ANALYSIS_WORKERS  # a lone video's tracking in two processes
+    from dubber.analysis import ANALYSIS_WORKERS  # a lone video's tracking in two processes
 
     named = item.get("video", item["path"])  # errors name the user's file, not a part cut from it
     problems: List[str] = []

@@ -305,6 +305,18 @@ def video_start(path: PathLike) -> float:
     return max(0.0, float(match.group(1))) if match else 0.0
 
 
+def copy_start(path: PathLike, seconds: float, out: PathLike) -> Path:
+    """The first `seconds` of a video's first video and audio streams into `out`, without
+    re-encoding (a stream copy: it ends on the packet at or after `seconds`)."""
+    result = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path),
+                             "-t", f"{seconds:.3f}", "-map", "0:v:0", "-map", "0:a:0", "-c", "copy", str(out)],
+                            capture_output=True, text=True, errors="replace")
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        raise DubberError(f"could not copy its first {seconds:g} s ({lines[-1] if lines else 'ffmpeg failed'})", path)
+    return Path(out)
+
+
 @contextlib.contextmanager
 def mixed_audio(paths: Sequence[PathLike]):
     """Yield a temporary WAV of the audio of `paths` mixed (as long as the longest; levels kept,

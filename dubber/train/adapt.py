@@ -15,7 +15,6 @@ that checks a whole request before any work.
 """
 
 import hashlib
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -196,10 +195,7 @@ def _first_part(info: media.MediaInfo, work: Path, log: Callable[[str], None]) -
     part = work / "part" / info.path.name
     part.parent.mkdir()
     log(f"{info.path.name} is {info.duration / 60:.1f} min long: adapting on its first {MAX_VIDEO_SECONDS:.0f} s")
-    subprocess.run([media.ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(info.path),
-                    "-t", f"{MAX_VIDEO_SECONDS:.3f}", "-map", "0:v:0", "-map", "0:a:0", "-c", "copy", str(part)],
-                   check=True)
-    return part
+    return media.copy_start(info.path, MAX_VIDEO_SECONDS, part)
 
 
 def _measured_lag(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook],

@@ -65,19 +65,25 @@ class Generator:
     def __call__(self, crops: np.ndarray, mels: np.ndarray, identity: Optional[np.ndarray] = None,
                  state: Any = None) -> Tuple[np.ndarray, Any]:
         """crops uint8 BGR [B, T, S, S, 3]; mels [B, T, 80, W]; identity uint8 BGR [S, S, 3] or None
-        -> (float32 BGR [B, T, S, S, 3] in [0, 255], state). A backbone's α is already applied."""
+        -> (float32 BGR [B, T, S, S, 3] in [0, 255], state). A backbone's α is already applied. A
+        returns_points backbone (which never sees the crops) gives its points [B, T, 20, 2] instead."""
         import torch
 
         start = time.perf_counter()
+        points = self.backbone.returns_points
         # autocast is per thread: entered here, in the thread that runs the model
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast_bf16):
-            faces = self._tensor(crops)
+            faces = None if points else self._tensor(crops)
             mel = torch.from_numpy(np.ascontiguousarray(mels[:, :, None])).to(device=self.device, dtype=self.dtype)
             reference = None if identity is None else self._tensor(identity[None, None])[:, 0].expand(len(crops), -1, -1, -1)
             out = self.backbone(faces, mel, reference, state)
-            images = out.images.detach().float().clamp(0, 1).mul(255).cpu().numpy()
+            if points:
+                result = out.points.detach().float().cpu().numpy()
+            else:
+                images = out.images.detach().float().clamp(0, 1).mul(255).cpu().numpy()
+                result = np.ascontiguousarray(images.transpose(0, 1, 3, 4, 2)[..., ::-1])
         self.seconds += time.perf_counter() - start
-        return np.ascontiguousarray(images.transpose(0, 1, 3, 4, 2)[..., ::-1]), out.state
+        return result, out.state
 
     def _tensor(self, crops: np.ndarray):
         """uint8 BGR [B, T, S, S, 3] -> float [B, T, 3, S, S] RGB in [0, 1] on the device."""
@@ -105,7 +111,8 @@ class _Run:
 def apply_backbone(generator: Generator, steps: Iterable[Step], identity: Optional[np.ndarray] = None,
                    batch_frames: int = BATCH_FRAMES) -> Iterator[Tuple[Any, Optional[np.ndarray], Optional[np.ndarray]]]:
     """Yield (payload, crop, generated uint8 BGR [S, S, 3]) for every step in order; crop and
-    generated are None for frames without a face. identity: the backbone's identity crop (one per
+    generated are None for frames without a face; a returns_points backbone's generated is its
+    float32 points [20, 2]. identity: the backbone's identity crop (one per
     video, dubber.conditioning) or None.
 
     A stateless backbone's call runs on a worker thread while the caller's loop goes on (the
@@ -148,7 +155,7 @@ def apply_backbone(generator: Generator, steps: Iterable[Step], identity: Option
         """Hand back the frames before run index `upto`."""
         count = upto - run.first
         for step, total, weight in zip(run.steps[:count], run.sums[:count], run.weights[:count]):
-            generated = np.clip(np.round(total / weight), 0, 255).astype(np.uint8)
+            generated = total / weight if backbone.returns_points else np.clip(np.round(total / weight), 0, 255).astype(np.uint8)
             yield step.payload, step.crop, generated
         del run.steps[:count], run.sums[:count], run.weights[:count]
         run.first = upto

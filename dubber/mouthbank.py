@@ -53,11 +53,15 @@ def mouth_shape(crop: np.ndarray, box: np.ndarray) -> np.ndarray:
     return predict_landmarks(cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY), box)[MOUTH]
 
 
+def centred(points: np.ndarray) -> np.ndarray:
+    """Mouth points [..., 20, 2] about their centroid: the mouth's shape (the crop is already aligned
+    on eyes and nose, so scale and roll are the face's, not the mouth's)."""
+    return points - points.mean(-2, keepdims=True)
+
+
 def descriptor(points: np.ndarray) -> np.ndarray:
-    """Shape key of mouth points [..., 20, 2]: the points about their centroid, flattened [..., 40]
-    (the crop is already aligned on eyes and nose, so scale and roll are the face's, not the mouth's)."""
-    centred = points - points.mean(-2, keepdims=True)
-    return centred.reshape(*points.shape[:-2], -1)
+    """Shape key of mouth points [..., 20, 2]: centred(points) flattened [..., 40]."""
+    return centred(points).reshape(*points.shape[:-2], -1)
 
 
 @dataclass
@@ -66,12 +70,15 @@ class MouthBank:
 
     crops: uint8 BGR [K, S, S, 3]; points: float32 [K, 20, 2] mouth landmarks in crop pixels;
     frames: int64 [K] source frame of each entry (ascending). `render` keeps the previous pick.
+    exclude_radius: entries within this many frames of the frame being dubbed are never picked
+    (evaluation on the video itself: its own mouth at that time is the answer).
     """
 
     crops: np.ndarray
     points: np.ndarray
     frames: np.ndarray
     source: str = ""
+    exclude_radius: int = 0
     _keys: np.ndarray = field(init=False, repr=False)
     _previous: Optional[int] = field(default=None, init=False, repr=False)
     _successor: np.ndarray = field(init=False, repr=False)
@@ -105,15 +112,25 @@ class MouthBank:
         look -= look.mean()
         return look / max(float(np.linalg.norm(look)), 1e-6)
 
-    def retrieve(self, points: np.ndarray, crop: Optional[np.ndarray] = None) -> int:
+    @property
+    def mean_shape(self) -> np.ndarray:
+        """The person's average mouth shape over the bank: centred points [20, 2]."""
+        return self._keys.mean(0).reshape(-1, 2)
+
+    def retrieve(self, points: np.ndarray, crop: Optional[np.ndarray] = None, frame: Optional[int] = None) -> int:
         """The entry whose mouth shape is closest to `points` [20, 2] -- and, given the generated
         `crop`, whose mouth region looks most alike, each distance in units of its median -- (the
-        previous pick's successor when it is within STAY_MARGIN of the best); remembered for the next call."""
+        previous pick's successor when it is within STAY_MARGIN of the best); remembered for the
+        next call. `frame`: the source frame being dubbed (for exclude_radius)."""
         cost = ((self._keys - descriptor(points).ravel()) ** 2).sum(1)
         if crop is not None:
             cost = cost / max(float(np.median(cost)), 1e-6)
             looks = ((self._looks - self._look(crop)) ** 2).sum(1)
             cost = cost + looks / max(float(np.median(looks)), 1e-6)
+        if frame is not None and self.exclude_radius > 0:
+            distance = np.abs(self.frames - frame)
+            near = (distance <= self.exclude_radius) & (distance < distance.max())  # a short video keeps its farthest
+            cost = np.where(near, np.inf, cost)
         best = int(np.argmin(cost))
         prev = self._previous
         if prev is not None and self._successor[prev] and cost[prev + 1] <= (1 + STAY_MARGIN) * cost[best] + 1e-6:
@@ -147,6 +164,14 @@ class MouthBank:
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+    def render_shape(self, shape: np.ndarray, frame: Optional[int] = None) -> np.ndarray:
+        """The real crop whose mouth is closest to `shape` [20, 2], a deviation from mean_shape in
+        crop pixels (dubber.backbones.rewrite's prediction) -> uint8 BGR [S, S, 3], the entry as
+        cut: crops are aligned, and the pipeline pastes its lower face under the blend's mask.
+        frame: the source frame being dubbed (for exclude_radius)."""
+        return self.crops[self.retrieve(self.mean_shape + shape, frame=frame)]
+
+
 def _fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares affine [2, 3] taking points src [K, 2] onto dst [K, 2]."""
     design = np.concatenate([src, np.ones((len(src), 1), src.dtype)], 1).astype(np.float64)
@@ -155,10 +180,13 @@ def _fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def build_bank(info: media.MediaInfo, track: FaceTrack, spec: CropSpec, first: int = 0, smooth: bool = True,
-               max_entries: int = MAX_ENTRIES, progress: Optional[ProgressHook] = None) -> MouthBank:
+               max_entries: int = MAX_ENTRIES, progress: Optional[ProgressHook] = None,
+               shapes_from_track: bool = False) -> MouthBank:
     """Cut the real mouths of a video whose face `track` covers source frames first .. first + N:
     at most `max_entries` frames with a face, evenly spaced, in `spec`'s crop space. DubberError
-    when fewer than MIN_ENTRIES frames show a face."""
+    when fewer than MIN_ENTRIES frames show a face. shapes_from_track: describe each mouth by the
+    track's landmarks (as dubber.backbones.rewrite learnt them), not by landmarks found on the crop
+    (as generated crops are measured)."""
     from dubber.analysis import progress_step
     from dubber.errors import DubberError
 
@@ -174,6 +202,7 @@ def build_bank(info: media.MediaInfo, track: FaceTrack, spec: CropSpec, first: i
     frames = media.iter_frames(info, (keep + first).tolist()) if not info.is_image else iter([media.read_image(info.path)])
     for i, (t, frame) in enumerate(zip(keep, frames)):
         crops[i] = warp_crop(frame, transforms[t], spec.size)
-        points[i] = mouth_shape(crops[i], crop_box(track.boxes[t], transforms[t]))
+        points[i] = transform_points(track.landmarks[t][MOUTH], transforms[t]) if shapes_from_track else \
+            mouth_shape(crops[i], crop_box(track.boxes[t], transforms[t]))
         step(1)
     return MouthBank(crops, points, keep.astype(np.int64), source=info.path.name)

@@ -70,6 +70,9 @@ class LipsyncOptions:
     voices: Optional[Dict[int, PathLike]] = None  # several speakers: face id (`dubber faces`) -> its speech
     mouth_bank: bool = False  # replace the generated lips by the closest real ones (dubber.mouthbank)
     mouth_bank_source: Optional[PathLike] = None  # the video whose mouths the bank holds (None: FACE itself)
+    # seconds round each dubbed frame whose mouths a bank from FACE itself may not use (evaluation:
+    # the clip's own mouth at that time is the answer being scored)
+    mouth_bank_exclude: float = 0.0
 
     @property
     def face_choice(self) -> FaceChoice:
@@ -124,6 +127,7 @@ class LipsyncOptions:
         if self.mouth_bank_source is not None:
             check.existing_file("--mouth-bank-source", self.mouth_bank_source)
             self.mouth_bank = True
+        check.seconds("mouth_bank_exclude", self.mouth_bank_exclude)
         return notes
 
     def check_input(self, info: media.MediaInfo) -> None:
@@ -140,12 +144,17 @@ class LipsyncOptions:
         if self.start and info.duration and self.start >= info.duration - 0.5 / info.fps:
             raise check.OptionError("--start", self.start, f"{name} is only {info.duration:.3f} s long")
 
-    def check_bank(self, info: media.MediaInfo) -> Optional[media.MediaInfo]:
-        """The mouth bank's source (its probe; None without --mouth-bank): a video, not a photo."""
-        if not self.mouth_bank:
+    def check_bank(self, info: media.MediaInfo, backbone: Backbone) -> Optional[media.MediaInfo]:
+        """The mouth bank's source (its probe; None without --mouth-bank, unless the backbone renders
+        from one): a video, not a photo."""
+        if not (self.mouth_bank or backbone.returns_points):
             return None
         bank = info if self.mouth_bank_source is None else media.probe(media.check_input(self.mouth_bank_source))
         if bank.is_image or not bank.has_video:
+            if self.mouth_bank_source is None and backbone.returns_points:
+                raise check.OptionError("--backbone", backbone.name, f"renders the person's own mouths from a video; "
+                                        f"{bank.path.name} is a photo (one mouth): use --backbone dck, or name a "
+                                        "video of the person with --mouth-bank-source")
             option = "--mouth-bank" if self.mouth_bank_source is None else "--mouth-bank-source"
             raise check.OptionError(option, bank.path.name, "the mouth bank needs a video of the person (a photo "
                                     "holds one mouth); name one with --mouth-bank-source")
@@ -312,8 +321,8 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
     output = media.check_output(output, [p for p in inputs if p is not None], options.overwrite)
     info = media.probe(face_path)
     options.check_input(info)
-    bank_info = options.check_bank(info)
     backbone = resolve_backbone(options, info.is_image)
+    bank_info = options.check_bank(info, backbone)
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
     precision = check.precision("--precision", options.precision, check.half("--half", options.half, options.device),
@@ -399,11 +408,15 @@ def _speaker(face_path: Path, info: media.MediaInfo, options: LipsyncOptions, fa
     if bank_info is not None:
         from dubber.mouthbank import build_bank
 
+        shapes = backbone.returns_points  # mouths described as the backbone learnt them
         if bank_info.path == info.path:  # the part being dubbed (--start/--duration): its analysis is at hand
-            bank = build_bank(info, analysis.track, backbone.crop, first, options.smooth, progress=progress)
+            bank = build_bank(info, analysis.track, backbone.crop, first, options.smooth, progress=progress,
+                              shapes_from_track=shapes)
+            bank.exclude_radius = int(round(options.mouth_bank_exclude * analysis.fps))
         else:  # another video of the person: the face chosen as in FACE (largest, --face-box ...)
             other = _analyse(bank_info.path, dataclasses.replace(options, start=0.0, duration=None), progress, bank_info)
-            bank = build_bank(bank_info, other.track, backbone.crop, 0, options.smooth, progress=progress)
+            bank = build_bank(bank_info, other.track, backbone.crop, 0, options.smooth, progress=progress,
+                              shapes_from_track=shapes)
     return _Speaker(face_id, analysis, mel, transforms, identity, bank)
 
 
@@ -427,7 +440,7 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
                 else:
                     crop = None if np.isnan(matrix[0, 0]) else warp_crop(frame, matrix, spec.size)
                     last = frame, order[t], crop
-                yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]], boxes[order[t]]))
+                yield Step(crop, window, (frame, dubbed, matrix, landmarks[order[t]], boxes[order[t]], order[t]))
 
     bank = speaker.bank
     if bank is not None:
@@ -436,12 +449,14 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
 
     def paste(result) -> Tuple[np.ndarray, bool]:
         nonlocal paster
-        (frame, dubbed, matrix, points, box), crop, generated = result
+        (frame, dubbed, matrix, points, box, source), crop, generated = result
         if generated is None:
             if bank is not None:
                 bank.reset()  # a gap: the next run starts its own sequence of real mouths
             return frame, dubbed
-        if bank is not None:  # in order on the paste thread: the bank's pick follows the frames
+        if backbone.returns_points:  # a mouth shape: the bank's real mouth closest to it
+            generated = bank.render_shape(generated, source)
+        elif bank is not None:  # in order on the paste thread: the bank's pick follows the frames
             generated = bank.render(generated, crop_box(box, matrix))
         if paster is None or paster.frame is not frame or paster.source_crop is not crop:
             paster = _paster(frame, crop, matrix, points, mode, options.colour_match, options.pads)

@@ -21,6 +21,7 @@ WEIGHTS_DIR = Path(os.environ.get("DUBBER_WEIGHTS", Path(__file__).resolve().par
 BUILTIN = {
     "dck": "dubber.backbones.dck",
     "glance": "dubber.backbones.glance",
+    "rewrite": "dubber.backbones.rewrite",  # two-stage: audio -> mouth shape -> the video's own mouths
     "syncnet": "dubber.backbones.syncnet",  # the lip-sync expert: eval's judge, a training loss
     "toy_frame": "dubber.backbones.toy",  # reference backbones for the contract, see toy.py
     "toy_clip": "dubber.backbones.toy",

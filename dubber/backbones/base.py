@@ -10,10 +10,13 @@ A backbone turns windows of aligned face crops plus their audio into new crops. 
   the next; the runner passes it back in and resets it at every gap in the face track;
 - conditioning: which identity image it takes and how it is chosen (dubber.conditioning), never
   the frame being generated: its mouth speaks the original words;
-- returns_alpha: whether its output carries an α mask (already applied to the images).
+- returns_alpha: whether its output carries an α mask (already applied to the images);
+- returns_points: whether it returns mouth shapes instead of images (a two-stage backbone,
+  dubber.backbones.rewrite): the pipeline renders them from the video's own mouths (dubber.mouthbank).
 
 forward(faces [B, T, 3, S, S], mels [B, T, 1, 80, W], identity [B, 3, S, S] or None, state)
--> Generated(images [B, T, 3, S, S], alpha [B, T, 1, S, S] or None, state). Images RGB in [0, 1].
+-> Generated(images [B, T, 3, S, S], alpha [B, T, 1, S, S] or None, state). Images RGB in [0, 1];
+a returns_points backbone gives points [B, T, 20, 2] (crop pixels) and no images.
 """
 
 from typing import Any, ClassVar, NamedTuple, Optional
@@ -33,11 +36,13 @@ CONDITIONINGS = (CONDITION_NONE, CONDITION_CLOSED_MOUTH, CONDITION_FIRST_FACE)
 
 class Generated(NamedTuple):
     """Backbone output: images [B, T, 3, S, S] RGB in [0, 1]; alpha [B, T, 1, S, S] or None;
-    state: what to pass to the next window's call (None for stateless backbones)."""
+    state: what to pass to the next window's call (None for stateless backbones); points
+    [B, T, 20, 2] mouth shapes of a returns_points backbone (images None)."""
 
-    images: torch.Tensor
+    images: Optional[torch.Tensor]
     alpha: Optional[torch.Tensor] = None
     state: Any = None
+    points: Optional[torch.Tensor] = None
 
 
 class Backbone(SelfDescribing):
@@ -51,6 +56,7 @@ class Backbone(SelfDescribing):
     stateful: ClassVar[bool] = False
     conditioning: ClassVar[str] = CONDITION_CLOSED_MOUTH
     returns_alpha: ClassVar[bool] = False
+    returns_points: ClassVar[bool] = False
     needs_weights: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):

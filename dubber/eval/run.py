@@ -39,6 +39,10 @@ from dubber.face.track import track_faces
 
 METRIC_CROP = CropSpec(CROP_FACE, 128)  # PSNR / SSIM / CPBD / LMD and the mouth metrics are taken on these crops
 SHIFT_SECONDS = 0.5
+# A backbone that renders from the video's own mouths (dubber.backbones.rewrite) builds its bank from
+# the clip being scored, whose mouth at each moment is the answer: the frames within this many
+# seconds of the one being dubbed are kept out of its retrieval (longer than a syllable, ~0.25 s).
+BANK_EXCLUDE_SECONDS = 0.4
 SHEET_FRAMES = 6  # frames per row of a contact sheet
 MOUTH_SHEETS = "mouths"  # sheets/<this>/<clip>.png: the zoomed mouth sheets (a folder: sheets/*.png stay as they were)
 MOUTH_SHEET_ZOOM = 4  # mouth boxes enlarged this many times, nearest neighbour: pixels (and blur) as they are
@@ -144,6 +148,13 @@ class Evaluator:
         # The backbones' lips replaced from this video's mouths (dubber.mouthbank): another video
         # of the person, never the clips scored (their own mouths are the answer).
         self.mouth_bank_source = mouth_bank_source
+        if mode == "photo" and mouth_bank_source is None:
+            from dubber.backbones import available
+
+            for name in self.backbones:
+                if getattr(available().get(name), "returns_points", False):
+                    raise DubberError(f"backbone {name!r} renders the person's own mouths from a video: it has no "
+                                      "photo mode (evaluate it with --mode video, or give --mouth-bank-source)")
 
     def systems(self) -> List[str]:
         names = list(BASELINES) + self.backbones
@@ -156,7 +167,8 @@ class Evaluator:
         from dubber.pipeline import LipsyncOptions, lipsync
 
         options = LipsyncOptions(backbone=backbone, device=self.device, fps=fps, overwrite=True,
-                                 mouth_bank_source=self.mouth_bank_source)
+                                 mouth_bank_source=self.mouth_bank_source,
+                                 mouth_bank_exclude=BANK_EXCLUDE_SECONDS if self.mouth_bank_source is None else 0.0)
         face = clip.path
         if self.mode == "photo":
             face = workdir / f"{clip.path.stem}_first.png"
@@ -485,7 +497,8 @@ def evaluate(clips: Sequence[Clip], out_dir: Path, backbones: Sequence[str] = ()
     results = {"mode": mode, "clips": len(clips), "failed": failures, "seconds": time.perf_counter() - started,
                "metric_crop": f"{METRIC_CROP.kind} {METRIC_CROP.size}x{METRIC_CROP.size}",
                "shift_seconds": SHIFT_SECONDS, "systems": summary,
-               "mouth_bank_source": None if mouth_bank_source is None else str(mouth_bank_source)}
+               "mouth_bank_source": None if mouth_bank_source is None else str(mouth_bank_source),
+               "bank_exclude_seconds": BANK_EXCLUDE_SECONDS if mouth_bank_source is None else 0.0}
     with media.atomic_output(out_dir / "summary.json") as tmp_json:
         tmp_json.write_text(json.dumps(results, indent=2))
     if report:

@@ -15,6 +15,8 @@ NOSE_BRIDGE_LOW = 29  # lowest point of the nose bridge
 NOSE_TIP = 30
 MOUTH = slice(48, 68)  # outer lip 48-59, inner lip 60-67
 INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))  # upper / lower inner-lip points facing each other
+# Of the 20 mouth points: the point each becomes in a left-right mirror image (48 <-> 54, 60 <-> 64, ...).
+MOUTH_MIRROR = (6, 5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 16, 15, 14, 13, 12, 19, 18, 17)
 
 
 @lru_cache(maxsize=None)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Dict, List, Sequence
 import numpy as np
 import torch
 
+from dubber.audio import MEL_WINDOW
 from dubber.errors import DubberError
 from dubber.face.crops import CropSpec
 
@@ -73,6 +74,10 @@ class Recipe:
     def crops(self) -> Sequence[CropSpec]:
         """Crops the clips must carry (dubber.data.load_clips)."""
         raise NotImplementedError
+
+    def mel_width(self) -> int:
+        """Mel frames in each frame's audio window of the clips (dubber.data.load_clips)."""
+        return MEL_WINDOW
 
     def build(self) -> Dict[str, torch.nn.Module]:
         """Named modules, freshly initialised; "model" is the one shipped."""

@@ -1,0 +1,63 @@
+"""Rewrite: a two-stage backbone -- audio to mouth shape, then the person's own real mouths.
+
+Stage 1 (this network) hears 0.5 s of speech round each frame and predicts the shape of the mouth
+at that frame: its 20 landmarks (dlib 48-67), each frame's points about their own centroid, as a
+deviation from the person's mean shape, in pixels of the 128 px box crop. Shapes are identity-free
+enough to learn from every frame of every clip (IP_LAP, Zhong et al. 2023, learns its landmarks
+the same way); pixels are not, on ~85 identities.
+
+Stage 2 is not learnt: dubber.mouthbank retrieves, among the video's own frames, the real lower
+face whose mouth shape is closest to the predicted one (staying on consecutive real frames where
+it can) and the pipeline pastes it as it pastes any crop. Real mouths keep their sharpness, teeth
+and lipstick; the face must show a range of mouth shapes, so this backbone dubs videos, not photos
+(Video Rewrite, Bregler et al. 1997; "Synthesizing Obama", Suwajanakorn et al. 2017).
+
+forward(faces [B, T, 3, S, S] (unused), mels [B, T, 1, 80, MOTION_MEL_WIDTH]) ->
+Generated(points=[B, T, 20, 2]): the centred-shape deviation, crop pixels.
+"""
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from dubber.audio import N_MELS
+from dubber.backbones import register
+from dubber.backbones.base import CONDITION_NONE, Backbone, Generated
+from dubber.face.crops import CROP_BOX, CropSpec
+
+MOTION_MEL_WIDTH = 40  # mel frames heard per video frame: 0.5 s, centred (a phoneme's neighbours shape the lips)
+MOUTH_POINTS = 20  # dlib 48-67
+CHANNELS = 128  # width of the temporal convolutions
+HIDDEN = 256
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
+
+
+@register
+class Rewrite(Backbone):
+    """Audio -> mouth shape (stage 1 of the two-stage backbone); ~0.4 M parameters."""
+
+    name = "rewrite"
+    crop = CropSpec(CROP_BOX, 128)  # the mouth bank's crops, pasted as DCK's are
+    mel_width = MOTION_MEL_WIDTH
+    conditioning = CONDITION_NONE
+    returns_points = True
+
+    def __init__(self, channels: int = CHANNELS, hidden: int = HIDDEN):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            _conv(N_MELS, channels, 1), _conv(channels, channels, 2), _conv(channels, channels, 2),
+            _conv(channels, channels, 2), _conv(channels, channels, 1))
+        steps = -(-MOTION_MEL_WIDTH // 8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * steps, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, MOUTH_POINTS * 2))
+
+    def forward(self, faces: torch.Tensor, mels: torch.Tensor, identity: Optional[torch.Tensor] = None,
+                state: Any = None) -> Generated:
+        batch, frames = mels.shape[:2]
+        mel = mels.reshape(batch * frames, N_MELS, mels.shape[-1]).float()
+        points = self.head(self.encoder(mel)).view(batch, frames, MOUTH_POINTS, 2)
+        return Generated(images=None, points=points)

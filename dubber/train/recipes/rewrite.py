@@ -1,0 +1,127 @@
+"""Recipe of the rewrite backbone's stage 1 (dubber.backbones.rewrite): audio -> mouth shape.
+
+Each sample is one frame: the 0.5 s of audio round it (at the clip's measured lag) and the shape of
+its real mouth in the 128 px box crop -- the 20 mouth points about their centroid, minus the
+mean of that shape over the clip's run, the person's resting average (inference subtracts the
+mean over the video being dubbed: the same quantity). Half the samples are mirrored left-right
+(points and their order; the sound is the same). Loss: L1 on the points, pixels.
+
+Validation, on held-out identities: `val_shape_error`, the mean point distance to the real shape
+(each sequence's mean shape removed, as LMD does) -- selected on; `val_still_error`, the same for a
+mouth that never moves (its mean shape: what a still frame scores at best); and
+`val_opening_corr`, Pearson r of the predicted inner-lip opening with the real one.
+"""
+
+from typing import ClassVar, Dict, Sequence
+
+import numpy as np
+import torch
+
+from dubber.backbones.rewrite import MOTION_MEL_WIDTH, Rewrite
+from dubber.face.align import transform_points
+from dubber.face.crops import CropSpec
+from dubber.face.landmarks import INNER_LIP_PAIRS, MOUTH, MOUTH_MIRROR
+from dubber.train import distributed
+from dubber.train.recipes import Recipe, recipe
+
+BATCH_SIZE = 256
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 1e-4
+MIRROR_PROBABILITY = 0.5
+VAL_BATCH = 512
+_UPPER = [p - MOUTH.start for p, _ in INNER_LIP_PAIRS]
+_LOWER = [q - MOUTH.start for _, q in INNER_LIP_PAIRS]
+
+
+def mouth_shapes(clip: dict, key: str) -> np.ndarray:
+    """The run's mouth shapes in crop `key`: each frame's 20 points about their centroid, minus the
+    run's mean shape -> float32 [T, 20, 2] crop pixels (cached in the clip dict, with that mean
+    shape [20, 2] as clip["mouth_mean"])."""
+    if "mouth_shapes" not in clip:
+        points = np.stack([transform_points(lm[MOUTH], m) for lm, m in zip(clip["landmarks"], clip["transforms"][key])])
+        centred = points - points.mean(1, keepdims=True)
+        clip["mouth_mean"] = centred.mean(0).astype(np.float32)
+        clip["mouth_shapes"] = (centred - clip["mouth_mean"]).astype(np.float32)
+    return clip["mouth_shapes"]
+
+
+def inner_opening(shapes: np.ndarray) -> np.ndarray:
+    """Inner-lip opening of mouth shapes [..., 20, 2] (crop pixels) -> [...]."""
+    return np.linalg.norm(shapes[..., _UPPER, :] - shapes[..., _LOWER, :], axis=-1).mean(-1)
+
+
+def mirrored(shapes: np.ndarray) -> np.ndarray:
+    """Mouth shapes [..., 20, 2] of the mirror image: x negated (they are centred), points re-ordered."""
+    out = shapes[..., list(MOUTH_MIRROR), :].copy()
+    out[..., 0] *= -1
+    return out
+
+
+@recipe
+class RewriteRecipe(Recipe):
+    model = "rewrite"
+    select_metric = "val_shape_error"
+    ship_half: ClassVar[bool] = False  # 1.6 MB in fp32
+    batch_size: int = BATCH_SIZE
+    lr: float = LEARNING_RATE
+    weight_decay: float = WEIGHT_DECAY
+    mirror_probability: float = MIRROR_PROBABILITY
+
+    def crops(self) -> Sequence[CropSpec]:
+        return [Rewrite.crop]
+
+    def mel_width(self) -> int:
+        return MOTION_MEL_WIDTH
+
+    def build(self):
+        return {"model": Rewrite()}
+
+    def optimizers(self, modules):
+        return {"model": torch.optim.AdamW(modules["model"].parameters(), lr=self.lr, weight_decay=self.weight_decay)}
+
+    def anchors(self, clip: dict) -> np.ndarray:
+        return np.arange(len(clip["mels"]))
+
+    def train_step(self, modules, optimizers, sampler, rng, step, device):
+        key = Rewrite.crop.key
+        mels, shapes = [], []
+        for _ in range(self.batch_size * distributed.world_size()):
+            index, frame = sampler.draw(rng)
+            clip = sampler.clips[index]
+            mels.append(clip["mels"][frame])
+            shapes.append(mouth_shapes(clip, key)[frame])
+        shapes = np.stack(shapes)
+        flip = rng.random(len(shapes)) < self.mirror_probability
+        shapes[flip] = mirrored(shapes[flip])
+        mel = torch.from_numpy(distributed.shard(np.stack(mels))).to(device).float()[:, None, None]
+        target = torch.from_numpy(distributed.shard(shapes)).to(device)
+        predicted = modules["model"](None, mel).points[:, 0]
+        loss = (predicted - target).abs().mean()
+        optimizers["model"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["model"].step()
+        return {"l1": loss.item()}
+
+    def validate(self, modules, clips, device) -> Dict[str, float]:
+        model = modules["model"]
+        errors, stills, predicted_open, real_open = [], [], [], []
+        with torch.no_grad():
+            for clip in clips:
+                real = mouth_shapes(clip, Rewrite.crop.key)
+                out = []
+                for start in range(0, len(real), VAL_BATCH):
+                    mel = torch.from_numpy(clip["mels"][start:start + VAL_BATCH]).to(device).float()[:, None, None]
+                    out.append(model(None, mel).points[:, 0].float().cpu().numpy())
+                pred = np.concatenate(out)
+                pred = pred - pred.mean(0)  # each sequence's mean shape removed, as LMD does
+                errors.append(np.linalg.norm(pred - real, axis=-1).mean())
+                stills.append(np.linalg.norm(real, axis=-1).mean())
+                # openings of whole shapes (the person's mean + the deviation): a deviation's own
+                # "opening" would be its size, not how far the lips are apart
+                for shapes, into in ((pred, predicted_open), (real, real_open)):
+                    opening = inner_opening(clip["mouth_mean"] + shapes)
+                    into.append(opening - opening.mean())
+        p, r = np.concatenate(predicted_open), np.concatenate(real_open)
+        corr = float(np.corrcoef(p, r)[0, 1]) if p.std() > 0 and r.std() > 0 else 0.0
+        return {"val_shape_error": float(np.mean(errors)), "val_still_error": float(np.mean(stills)),
+                "val_opening_corr": corr}

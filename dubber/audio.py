@@ -22,6 +22,7 @@ MEL_FPS = SAMPLE_RATE / HOP_LENGTH  # mel frames per second (80)
 FMIN, FMAX = 55, 7600  # Hz
 MIN_LEVEL_DB = -100.0
 REF_LEVEL_DB = 20.0
+MEL_MIN, MEL_MAX = -4.0, 4.0  # range of the normalised log-mel (8 units span -MIN_LEVEL_DB = 100 dB)
 SILENCE_RMS = 1e-4  # full-scale RMS under which a track counts as silent
 MEL_WINDOW = 16  # mel frames in one video frame's audio window (0.2 s): what the backbones and the expert take
 SPEECH_LEVEL = 0.2  # a frame has speech when its envelope exceeds this fraction of the clip's 95th percentile
@@ -99,7 +100,8 @@ def log_mel(wav: np.ndarray) -> np.ndarray:
         windows = np.lib.stride_tricks.sliding_window_view(segment, N_FFT)[::HOP_LENGTH]
         spec = np.abs(np.fft.rfft(windows * window, axis=1)).astype(np.float32).T
         mel_db = 20 * np.log10(np.maximum(1e-5, basis @ spec)) - REF_LEVEL_DB
-        out[:, start:stop] = np.clip(8 * (mel_db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - 4, -4, 4)
+        out[:, start:stop] = np.clip((MEL_MAX - MEL_MIN) * (mel_db - MIN_LEVEL_DB) / -MIN_LEVEL_DB + MEL_MIN,
+                                     MEL_MIN, MEL_MAX)
     return out
 
 

@@ -10,16 +10,16 @@ import torch
 
 import helpers
 from dubber.backbones import load_backbone
-from dubber.backbones.rewrite import MOTION_MEL_WIDTH, MOUTH_POINTS, Rewrite
+from dubber.backbones.rewrite import MOTION_MEL_WIDTH, MOUTH_POINTS, SMOOTH_SIGMA, Rewrite, _smooth_time
 from dubber.checkpoint import save_model
 from dubber.face.landmarks import MOUTH
 from dubber.mouthbank import MouthBank, centred
 from dubber.train.loop import train
 from dubber.train.recipes import recipe_for
-from dubber.train.recipes.rewrite import inner_opening, mirrored, mouth_shapes
+from dubber.train.recipes.rewrite import LANDMARK_CROP, inner_opening, mirrored, mouth_shapes
 
 torch.set_num_threads(1)
-KEY = Rewrite.crop.key
+KEY = LANDMARK_CROP.key  # the synthetic landmarks are in this crop's pixels
 
 
 def _mouth(opening: float, width: float = 30.0) -> np.ndarray:
@@ -57,9 +57,19 @@ def test_forward_shapes_and_size():
     assert out.images is None and out.points.shape == (2, 3, MOUTH_POINTS, 2)
 
 
+def test_shapes_are_smoothed_along_time_within_a_window():
+    steady = torch.ones(1, 16, MOUTH_POINTS, 2)
+    assert torch.allclose(_smooth_time(steady, SMOOTH_SIGMA), steady)  # edges replicated: nothing leaks in
+    spike = torch.zeros(1, 16, MOUTH_POINTS, 2)
+    spike[0, 8] = 1.0
+    smoothed = _smooth_time(spike, SMOOTH_SIGMA)
+    assert torch.isclose(smoothed.sum(1), torch.ones(1, MOUTH_POINTS, 2)).all()  # spread, not lost
+    assert smoothed[0, 8, 0, 0] < 0.3 and smoothed[0, 6, 0, 0] > 0.1
+
+
 def test_shape_targets_mirror_and_opening():
     clip = synthetic_clip("a", 30, seed=0)
-    shapes = mouth_shapes(clip, KEY)
+    shapes = mouth_shapes(clip)
     assert shapes.shape == (30, 20, 2) and np.allclose(shapes.mean(0), 0, atol=1e-4)  # deviation from the mean
     assert np.allclose(shapes.mean(1), 0, atol=1e-4)  # each frame about its own centroid
     # the inner opening follows the synthetic openness (it is 12 * openness, less the mean)

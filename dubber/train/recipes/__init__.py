@@ -67,6 +67,7 @@ class Recipe:
     select_metric: ClassVar[str] = ""  # validation figure that selects the shipped step
     select_mode: ClassVar[str] = "min"  # "min" or "max"
     ship_half: ClassVar[bool] = True  # store the shipped model in fp16
+    validation_clips: ClassVar[int] = 8  # val_select clips scored at each validation (spread over identities)
 
     def hyperparameters(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -1,10 +1,12 @@
 """Recipe of the rewrite backbone's stage 1 (dubber.backbones.rewrite): audio -> mouth shape.
 
 Each sample is one frame: the 0.5 s of audio round it (at the clip's measured lag) and the shape of
-its real mouth in the 128 px box crop -- the 20 mouth points about their centroid, minus the
+its real mouth in the model's crop (from the cache's 128 px box transforms: box crops of any size
+are the same window, scaled) -- the 20 mouth points about their centroid, minus the
 mean of that shape over the clip's run, the person's resting average (inference subtracts the
 mean over the video being dubbed: the same quantity). Half the samples are mirrored left-right
-(points and their order; the sound is the same). Loss: L1 on the points, pixels.
+(points and their order; the sound is the same), and each sample's loudness is jittered. Loss: L1
+on the points, pixels.
 
 Validation, on held-out identities: `val_shape_error`, the mean point distance to the real shape
 (each sequence's mean shape removed, as LMD does) -- selected on; `val_still_error`, the same for a
@@ -17,9 +19,10 @@ from typing import ClassVar, Dict, Sequence
 import numpy as np
 import torch
 
+from dubber.audio import MEL_MAX, MEL_MIN
 from dubber.backbones.rewrite import MOTION_MEL_WIDTH, Rewrite
 from dubber.face.align import transform_points
-from dubber.face.crops import CropSpec
+from dubber.face.crops import CROP_BOX, CropSpec
 from dubber.face.landmarks import INNER_LIP_PAIRS, MOUTH, MOUTH_MIRROR
 from dubber.train import distributed
 from dubber.train.recipes import Recipe, recipe
@@ -28,17 +31,22 @@ BATCH_SIZE = 256
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
 MIRROR_PROBABILITY = 0.5
+GAIN_JITTER = 0.5  # log-mel units (8 = 100 dB): each sample's loudness moved by up to +-6 dB
+DROPOUT = 0.3
 VAL_BATCH = 512
+LANDMARK_CROP = CropSpec(CROP_BOX, 128)  # the clips' landmarks come in the transforms of this cached crop
 _UPPER = [p - MOUTH.start for p, _ in INNER_LIP_PAIRS]
 _LOWER = [q - MOUTH.start for _, q in INNER_LIP_PAIRS]
 
 
-def mouth_shapes(clip: dict, key: str) -> np.ndarray:
-    """The run's mouth shapes in crop `key`: each frame's 20 points about their centroid, minus the
-    run's mean shape -> float32 [T, 20, 2] crop pixels (cached in the clip dict, with that mean
+def mouth_shapes(clip: dict) -> np.ndarray:
+    """The run's mouth shapes in the model's crop: each frame's 20 points about their centroid, minus
+    the run's mean shape -> float32 [T, 20, 2] crop pixels (cached in the clip dict, with that mean
     shape [20, 2] as clip["mouth_mean"])."""
     if "mouth_shapes" not in clip:
-        points = np.stack([transform_points(lm[MOUTH], m) for lm, m in zip(clip["landmarks"], clip["transforms"][key])])
+        scale = Rewrite.crop.size / LANDMARK_CROP.size
+        points = scale * np.stack([transform_points(lm[MOUTH], m)
+                                   for lm, m in zip(clip["landmarks"], clip["transforms"][LANDMARK_CROP.key])])
         centred = points - points.mean(1, keepdims=True)
         clip["mouth_mean"] = centred.mean(0).astype(np.float32)
         clip["mouth_shapes"] = (centred - clip["mouth_mean"]).astype(np.float32)
@@ -62,19 +70,22 @@ class RewriteRecipe(Recipe):
     model = "rewrite"
     select_metric = "val_shape_error"
     ship_half: ClassVar[bool] = False  # 1.6 MB in fp32
+    validation_clips: ClassVar[int] = 200  # every val_select clip: no pixels, a second per validation
     batch_size: int = BATCH_SIZE
     lr: float = LEARNING_RATE
     weight_decay: float = WEIGHT_DECAY
     mirror_probability: float = MIRROR_PROBABILITY
+    gain_jitter: float = GAIN_JITTER
+    dropout: float = DROPOUT
 
     def crops(self) -> Sequence[CropSpec]:
-        return [Rewrite.crop]
+        return [LANDMARK_CROP]
 
     def mel_width(self) -> int:
         return MOTION_MEL_WIDTH
 
     def build(self):
-        return {"model": Rewrite()}
+        return {"model": Rewrite(dropout=self.dropout)}
 
     def optimizers(self, modules):
         return {"model": torch.optim.AdamW(modules["model"].parameters(), lr=self.lr, weight_decay=self.weight_decay)}
@@ -83,17 +94,20 @@ class RewriteRecipe(Recipe):
         return np.arange(len(clip["mels"]))
 
     def train_step(self, modules, optimizers, sampler, rng, step, device):
-        key = Rewrite.crop.key
         mels, shapes = [], []
         for _ in range(self.batch_size * distributed.world_size()):
             index, frame = sampler.draw(rng)
             clip = sampler.clips[index]
             mels.append(clip["mels"][frame])
-            shapes.append(mouth_shapes(clip, key)[frame])
+            shapes.append(mouth_shapes(clip)[frame])
         shapes = np.stack(shapes)
         flip = rng.random(len(shapes)) < self.mirror_probability
         shapes[flip] = mirrored(shapes[flip])
-        mel = torch.from_numpy(distributed.shard(np.stack(mels))).to(device).float()[:, None, None]
+        mels = np.stack(mels)
+        if self.gain_jitter:  # another microphone, another level: a shift of the log-mel, clipped as audio clips it
+            gain = rng.uniform(-self.gain_jitter, self.gain_jitter, (len(mels), 1, 1)).astype(np.float32)
+            mels = np.clip(mels + gain, MEL_MIN, MEL_MAX)
+        mel = torch.from_numpy(distributed.shard(mels)).to(device).float()[:, None, None]
         target = torch.from_numpy(distributed.shard(shapes)).to(device)
         predicted = modules["model"](None, mel).points[:, 0]
         loss = (predicted - target).abs().mean()
@@ -107,7 +121,7 @@ class RewriteRecipe(Recipe):
         errors, stills, predicted_open, real_open = [], [], [], []
         with torch.no_grad():
             for clip in clips:
-                real = mouth_shapes(clip, Rewrite.crop.key)
+                real = mouth_shapes(clip)
                 out = []
                 for start in range(0, len(real), VAL_BATCH):
                     mel = torch.from_numpy(clip["mels"][start:start + VAL_BATCH]).to(device).float()[:, None, None]

@@ -584,6 +584,7 @@ def evaluate(
     backbone: List[str] = typer.Option([], help="Backbones to score (repeatable); baselines are always scored."),
     split: Optional[Path] = typer.Option(None, help="List of clips (one path per line) or a CSV with file,split (val rows)."),
     limit: Optional[int] = typer.Option(None, help="At most this many clips (at least 1; default: all)."),
+    min_seconds: float = typer.Option(0.0, help="Leave out clips shorter than this (seconds)."),
     mode: str = typer.Option("video", help="video (generate from the clip's frames) or photo (from its first frame)."),
     dub: bool = typer.Option(False, help="Also drive each clip with the next clip's speech."),
     out: Path = typer.Option(Path("eval-out"), help="Folder for clips.csv, summary.json, report.html and its files (an earlier run's are replaced)."),
@@ -605,7 +606,8 @@ def evaluate(
     _check_eval(dataset, root, backbone, split, limit, mode, out, sync_expert, no_sync_expert, device)
     if mouth_bank_source is not None:
         check.existing_file("--mouth-bank-source", mouth_bank_source)
-    clips = run.list_clips(dataset, root, split, limit)
+    check.seconds("--min-seconds", min_seconds)
+    clips = run.list_clips(dataset, root, split, limit, min_seconds)
     expert = None if no_sync_expert else run.load_sync_expert(sync_expert)
     _clear_eval_outputs(out)
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
@@ -770,7 +772,9 @@ def backbones():
             continue
         cls = registry[name]
         shape = (f"window {cls.window}, overlap {cls.overlap}, {'stateful' if cls.stateful else 'stateless'}, "
-                 f"{cls.crop}, identity: {cls.conditioning}") if hasattr(cls, "window") else "sync expert"
+                 f"{cls.crop}, identity: {cls.conditioning}"
+                 f"{', mouth shapes rendered from the video: videos only' if cls.returns_points else ''}") \
+            if hasattr(cls, "window") else "sync expert"
         weights = weights_path(name)
         state = (f"weights: {weights}" if weights.is_file() else
                  "no weights needed" if not getattr(cls, "needs_weights", True) else "no trained weights")

@@ -135,3 +135,22 @@ def test_silence_mean_with_the_speech_rule():
     stuck_open = np.full(envelope.size, 0.3)
     assert metrics.silence_mean(follows, speech) == pytest.approx(0.02)
     assert metrics.silence_mean(stuck_open, speech) == pytest.approx(0.3)
+
+
+def test_min_seconds_leaves_out_short_clips(face_video, tmp_path):
+    """`dubber eval --min-seconds`: clips shorter than it are not scored; an unreadable one is kept
+    (scoring reports it as failed)."""
+    import shutil
+
+    from dubber.errors import DubberError
+    from dubber.eval.run import list_clips
+
+    root = tmp_path / "clips"
+    root.mkdir()
+    shutil.copy(face_video, root / "two_seconds.mp4")
+    (root / "broken.mp4").write_bytes(b"not a video")
+    assert [c.name for c in list_clips("folder", root, min_seconds=1.5)] == ["clips_broken", "clips_two_seconds"]
+    assert [c.name for c in list_clips("folder", root, min_seconds=2.5)] == ["clips_broken"]
+    (root / "broken.mp4").unlink()
+    with pytest.raises(DubberError, match="no folder clips found"):
+        list_clips("folder", root, min_seconds=2.5)

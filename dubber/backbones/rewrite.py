@@ -35,6 +35,7 @@ MOTION_MEL_WIDTH = 40  # mel frames heard per video frame: 0.5 s, centred (a pho
 MOUTH_POINTS = 20  # dlib 48-67
 CHANNELS = 128  # width of the temporal convolutions
 HIDDEN = 256
+TEMPORAL_KERNEL = 5  # frames each temporal layer sees (temporal > 0)
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -53,7 +54,7 @@ class Rewrite(Backbone):
     window = 16  # frames per call: the predicted shapes are smoothed along time within a call
     overlap = 8
 
-    def __init__(self, channels: int = CHANNELS, hidden: int = HIDDEN, dropout: float = 0.0):
+    def __init__(self, channels: int = CHANNELS, hidden: int = HIDDEN, dropout: float = 0.0, temporal: int = 0):
         super().__init__()
         self.encoder = nn.Sequential(
             _conv(N_MELS, channels, 1), _conv(channels, channels, 2), _conv(channels, channels, 2),
@@ -61,12 +62,23 @@ class Rewrite(Backbone):
         steps = -(-MOTION_MEL_WIDTH // 8)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * steps, hidden),
                                   nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, MOUTH_POINTS * 2))
+        # temporal > 0: residual convolutions along the frames of a window between the per-frame
+        # features and the output (the shape at t from the features round it)
+        self.temporal = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(hidden, hidden, TEMPORAL_KERNEL, padding=TEMPORAL_KERNEL // 2), nn.ReLU(inplace=True))
+            for _ in range(temporal))
 
     def forward(self, faces: torch.Tensor, mels: torch.Tensor, identity: Optional[torch.Tensor] = None,
                 state: Any = None) -> Generated:
         batch, frames = mels.shape[:2]
         mel = mels.reshape(batch * frames, N_MELS, mels.shape[-1]).float()
-        points = self.head(self.encoder(mel)).view(batch, frames, MOUTH_POINTS, 2)
+        features = self.head[:4](self.encoder(mel))  # [B*T, hidden]
+        if len(self.temporal):
+            series = features.view(batch, frames, -1).transpose(1, 2)
+            for layer in self.temporal:
+                series = series + layer(series)
+            features = series.transpose(1, 2).reshape(batch * frames, -1)
+        points = self.head[4:](features).view(batch, frames, MOUTH_POINTS, 2)
         if frames > 1 and SMOOTH_SIGMA > 0:
             points = _smooth_time(points, SMOOTH_SIGMA)
         return Generated(images=None, points=points)

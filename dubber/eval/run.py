@@ -65,8 +65,10 @@ class Clip:
     name: str
 
 
-def list_clips(dataset: str, root: Path, split: Optional[Path] = None, limit: Optional[int] = None) -> List[Clip]:
-    """Clips of a dataset layout (see module docstring of the CLI); `split` is a list file or a CSV with file,split."""
+def list_clips(dataset: str, root: Path, split: Optional[Path] = None, limit: Optional[int] = None,
+               min_seconds: float = 0.0) -> List[Clip]:
+    """Clips of a dataset layout (see module docstring of the CLI); `split` is a list file or a CSV
+    with file,split; clips shorter than min_seconds are left out (before `limit`)."""
     root = Path(root)
     if not root.is_dir():
         raise DubberError("dataset root not found", root)
@@ -82,11 +84,21 @@ def list_clips(dataset: str, root: Path, split: Optional[Path] = None, limit: Op
         files = [p for p in media.list_media(root, "face") if p.suffix.lower() not in media.IMAGE_EXTENSIONS]
     else:
         raise DubberError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if min_seconds > 0:
+        files = [p for p in files if _duration(p) >= min_seconds]
     if limit:
         files = files[:limit]
     if not files:
         raise DubberError(f"no {dataset} clips found", root)
     return [Clip(p, f"{p.parent.name}_{p.stem}") for p in files]
+
+
+def _duration(path: Path) -> float:
+    """Seconds of a clip; infinite where it cannot be read (kept: scoring reports it as failed)."""
+    try:
+        return media.probe(path).duration or float("inf")
+    except DubberError:
+        return float("inf")
 
 
 def _split_files(split: Path, root: Path) -> List[Path]:

@@ -33,6 +33,8 @@ WEIGHT_DECAY = 1e-4
 MIRROR_PROBABILITY = 0.5
 GAIN_JITTER = 0.5  # log-mel units (8 = 100 dB): each sample's loudness moved by up to +-6 dB
 DROPOUT = 0.3
+TEMPORAL = 0  # temporal layers of the model (dubber.backbones.rewrite); > 0 trains on runs of SEQUENCE frames
+SEQUENCE = 16
 VAL_BATCH = 512
 LANDMARK_CROP = CropSpec(CROP_BOX, 128)  # the clips' landmarks come in the transforms of this cached crop
 _UPPER = [p - MOUTH.start for p, _ in INNER_LIP_PAIRS]
@@ -77,6 +79,7 @@ class RewriteRecipe(Recipe):
     mirror_probability: float = MIRROR_PROBABILITY
     gain_jitter: float = GAIN_JITTER
     dropout: float = DROPOUT
+    temporal: int = TEMPORAL
 
     def crops(self) -> Sequence[CropSpec]:
         return [LANDMARK_CROP]
@@ -85,31 +88,37 @@ class RewriteRecipe(Recipe):
         return MOTION_MEL_WIDTH
 
     def build(self):
-        return {"model": Rewrite(dropout=self.dropout)}
+        return {"model": Rewrite(dropout=self.dropout, temporal=self.temporal)}
+
+    @property
+    def sequence(self) -> int:
+        """Frames per sample: runs for a temporal model, single frames otherwise."""
+        return SEQUENCE if self.temporal else 1
 
     def optimizers(self, modules):
         return {"model": torch.optim.AdamW(modules["model"].parameters(), lr=self.lr, weight_decay=self.weight_decay)}
 
     def anchors(self, clip: dict) -> np.ndarray:
-        return np.arange(len(clip["mels"]))
+        return np.arange(len(clip["mels"]) - self.sequence + 1)
 
     def train_step(self, modules, optimizers, sampler, rng, step, device):
+        length = self.sequence
         mels, shapes = [], []
-        for _ in range(self.batch_size * distributed.world_size()):
+        for _ in range(max(1, self.batch_size // length) * distributed.world_size()):
             index, frame = sampler.draw(rng)
             clip = sampler.clips[index]
-            mels.append(clip["mels"][frame])
-            shapes.append(mouth_shapes(clip)[frame])
-        shapes = np.stack(shapes)
+            mels.append(clip["mels"][frame:frame + length])
+            shapes.append(mouth_shapes(clip)[frame:frame + length])
+        shapes = np.stack(shapes)  # [N, T, 20, 2]
         flip = rng.random(len(shapes)) < self.mirror_probability
         shapes[flip] = mirrored(shapes[flip])
-        mels = np.stack(mels)
+        mels = np.stack(mels)  # [N, T, 80, W]
         if self.gain_jitter:  # another microphone, another level: a shift of the log-mel, clipped as audio clips it
-            gain = rng.uniform(-self.gain_jitter, self.gain_jitter, (len(mels), 1, 1)).astype(np.float32)
+            gain = rng.uniform(-self.gain_jitter, self.gain_jitter, (len(mels), 1, 1, 1)).astype(np.float32)
             mels = np.clip(mels + gain, MEL_MIN, MEL_MAX)
-        mel = torch.from_numpy(distributed.shard(mels)).to(device).float()[:, None, None]
+        mel = torch.from_numpy(distributed.shard(mels)).to(device).float()[:, :, None]
         target = torch.from_numpy(distributed.shard(shapes)).to(device)
-        predicted = modules["model"](None, mel).points[:, 0]
+        predicted = modules["model"](None, mel).points
         loss = (predicted - target).abs().mean()
         optimizers["model"].zero_grad(set_to_none=True)
         loss.backward()
@@ -124,8 +133,9 @@ class RewriteRecipe(Recipe):
                 real = mouth_shapes(clip)
                 out = []
                 for start in range(0, len(real), VAL_BATCH):
-                    mel = torch.from_numpy(clip["mels"][start:start + VAL_BATCH]).to(device).float()[:, None, None]
-                    out.append(model(None, mel).points[:, 0].float().cpu().numpy())
+                    # a whole run at once, as one window: the temporal layers and smoothing see its frames
+                    mel = torch.from_numpy(clip["mels"][start:start + VAL_BATCH]).to(device).float()[None, :, None]
+                    out.append(model(None, mel).points[0].float().cpu().numpy())
                 pred = np.concatenate(out)
                 pred = pred - pred.mean(0)  # each sequence's mean shape removed, as LMD does
                 errors.append(np.linalg.norm(pred - real, axis=-1).mean())

@@ -28,7 +28,7 @@ from dubber.analysis import ProgressHook
 from dubber.blend import MASK_FEATHER, hull_mask, match_seam
 from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.crops import CropSpec
-from dubber.face.landmarks import MOUTH, predict_landmarks
+from dubber.face.landmarks import MOUTH, centred_mouth, predict_landmarks
 from dubber.face.track import FaceTrack
 
 MAX_ENTRIES = 1500  # mouths kept (evenly spaced over the video): 1,500 DCK crops are 74 MB, a minute at 25 fps
@@ -53,15 +53,10 @@ def mouth_shape(crop: np.ndarray, box: np.ndarray) -> np.ndarray:
     return predict_landmarks(cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY), box)[MOUTH]
 
 
-def centred(points: np.ndarray) -> np.ndarray:
-    """Mouth points [..., 20, 2] about their centroid: the mouth's shape (the crop is already aligned
-    on eyes and nose, so scale and roll are the face's, not the mouth's)."""
-    return points - points.mean(-2, keepdims=True)
-
-
 def descriptor(points: np.ndarray) -> np.ndarray:
-    """Shape key of mouth points [..., 20, 2]: centred(points) flattened [..., 40]."""
-    return centred(points).reshape(*points.shape[:-2], -1)
+    """Shape key of mouth points [..., 20, 2]: the points about their centroid, flattened [..., 40]
+    (the crop is already aligned on eyes and nose, so scale and roll are the face's, not the mouth's)."""
+    return centred_mouth(points).reshape(*points.shape[:-2], -1)
 
 
 @dataclass

@@ -13,10 +13,12 @@ from dubber.backbones import load_backbone
 from dubber.backbones.rewrite import MOTION_MEL_WIDTH, MOUTH_POINTS, SMOOTH_SIGMA, Rewrite, _smooth_time
 from dubber.checkpoint import save_model
 from dubber.face.landmarks import MOUTH
-from dubber.mouthbank import MouthBank, centred
+from dubber.face.landmarks import centred_mouth as centred
+from dubber.mouthbank import MouthBank
 from dubber.train.loop import train
 from dubber.train.recipes import recipe_for
-from dubber.train.recipes.rewrite import LANDMARK_CROP, inner_opening, mirrored, mouth_shapes
+from dubber.face.landmarks import inner_opening
+from dubber.train.recipes.rewrite import LANDMARK_CROP, mirrored, mouth_shapes
 
 torch.set_num_threads(1)
 KEY = LANDMARK_CROP.key  # the synthetic landmarks are in this crop's pixels

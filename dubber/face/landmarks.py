@@ -35,6 +35,19 @@ def predict_landmarks(gray: np.ndarray, box: np.ndarray) -> np.ndarray:
     return np.array([[p.x, p.y] for p in shape.parts()], np.float32)
 
 
+def centred_mouth(mouth: np.ndarray) -> np.ndarray:
+    """Mouth points [..., 20, 2] (dlib 48-67) about their centroid: the mouth's shape."""
+    return mouth - mouth.mean(-2, keepdims=True)
+
+
+def inner_opening(mouth: np.ndarray) -> np.ndarray:
+    """Inner-lip opening of mouth points [..., 20, 2] (dlib 48-67): the mean distance of the facing
+    inner-lip pairs, in the points' units -> [...]."""
+    upper = mouth[..., [p - MOUTH.start for p, _ in INNER_LIP_PAIRS], :]
+    lower = mouth[..., [q - MOUTH.start for _, q in INNER_LIP_PAIRS], :]
+    return np.linalg.norm(upper - lower, axis=-1).mean(-1)
+
+
 def mouth_aperture(landmarks68: np.ndarray) -> np.ndarray:
     """Scale-free inner-lip opening per frame: [N,68,2] dlib landmarks -> [N].
 
@@ -45,9 +58,7 @@ def mouth_aperture(landmarks68: np.ndarray) -> np.ndarray:
     points = np.asarray(landmarks68, dtype=np.float64)
     if points.ndim != 3 or points.shape[1:] != (68, 2):
         raise ValueError(f"expected landmarks [N,68,2], got shape {points.shape}")
-    upper = points[:, [p for p, _ in INNER_LIP_PAIRS]]
-    lower = points[:, [q for _, q in INNER_LIP_PAIRS]]
-    opening = np.linalg.norm(upper - lower, axis=2).mean(axis=1)
+    opening = inner_opening(points[:, MOUTH])
     eye_to_eye = points[:, LEFT_EYE].mean(axis=1) - points[:, RIGHT_EYE].mean(axis=1)
     inter_ocular = np.linalg.norm(eye_to_eye, axis=1)
     return opening / np.maximum(inter_ocular, 1e-6)

@@ -23,7 +23,7 @@ from dubber.audio import MEL_MAX, MEL_MIN
 from dubber.backbones.rewrite import MOTION_MEL_WIDTH, Rewrite
 from dubber.face.align import transform_points
 from dubber.face.crops import CROP_BOX, CropSpec
-from dubber.face.landmarks import INNER_LIP_PAIRS, MOUTH, MOUTH_MIRROR
+from dubber.face.landmarks import MOUTH, MOUTH_MIRROR, centred_mouth, inner_opening
 from dubber.train import distributed
 from dubber.train.recipes import Recipe, recipe
 
@@ -37,8 +37,6 @@ TEMPORAL = 0  # temporal layers of the model (dubber.backbones.rewrite); > 0 tra
 SEQUENCE = 16
 VAL_BATCH = 512
 LANDMARK_CROP = CropSpec(CROP_BOX, 128)  # the clips' landmarks come in the transforms of this cached crop
-_UPPER = [p - MOUTH.start for p, _ in INNER_LIP_PAIRS]
-_LOWER = [q - MOUTH.start for _, q in INNER_LIP_PAIRS]
 
 
 def mouth_shapes(clip: dict) -> np.ndarray:
@@ -49,15 +47,10 @@ def mouth_shapes(clip: dict) -> np.ndarray:
         scale = Rewrite.crop.size / LANDMARK_CROP.size
         points = scale * np.stack([transform_points(lm[MOUTH], m)
                                    for lm, m in zip(clip["landmarks"], clip["transforms"][LANDMARK_CROP.key])])
-        centred = points - points.mean(1, keepdims=True)
+        centred = centred_mouth(points)
         clip["mouth_mean"] = centred.mean(0).astype(np.float32)
         clip["mouth_shapes"] = (centred - clip["mouth_mean"]).astype(np.float32)
     return clip["mouth_shapes"]
-
-
-def inner_opening(shapes: np.ndarray) -> np.ndarray:
-    """Inner-lip opening of mouth shapes [..., 20, 2] (crop pixels) -> [...]."""
-    return np.linalg.norm(shapes[..., _UPPER, :] - shapes[..., _LOWER, :], axis=-1).mean(-1)
 
 
 def mirrored(shapes: np.ndarray) -> np.ndarray:

@@ -260,9 +260,10 @@ def _speech_at(envelope: Optional[np.ndarray], times_s: np.ndarray) -> np.ndarra
 
 
 def load_clips(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec],
-               mel_width: int = audio.MEL_WINDOW, min_run: int = MIN_RUN) -> List[dict]:
+               mel_width: int = audio.MEL_WINDOW, min_run: int = MIN_RUN, pixels: bool = True) -> List[dict]:
     """Clip dicts (see the module docstring) for the cached items with audio: one per run of at
-    least min_run frames with a face, holding the crops of `specs`."""
+    least min_run frames with a face, holding the crops of `specs` (without pixels: their
+    transforms only, "crops" empty -- a model of landmarks needs no 2 GB of images)."""
     from dubber.cache import derive_crops, derive_source, load_cache, stored_crops
 
     specs = list(specs)
@@ -277,11 +278,12 @@ def load_clips(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec]
         # a missing lips crop is resampled from a stored one (dubber.cache.derive_source)
         sources = {s: derive_source(s, stored) for s in specs if s not in stored}
         wanted = [s for s in specs if s in stored] + [s for s in sources.values() if s is not None]
-        cache = load_cache(path, keys + [f"{prefix}_{s.key}" for s in wanted for prefix in ("crops", "transform")])
+        prefixes = ("crops", "transform") if pixels else ("transform",)
+        cache = load_cache(path, keys + [f"{prefix}_{s.key}" for s in wanted for prefix in prefixes])
         if not bool(cache["has_audio"]):
             continue
         for spec, source in sources.items():
-            if source is None:
+            if source is None or not pixels:
                 raise DubberError(f"the cache holds no {spec} crops: build it with that crop", path)
             cache[f"transform_{spec.key}"], cache[f"crops_{spec.key}"] = derive_crops(cache, spec, source)
         fps = float(cache["fps"])
@@ -291,7 +293,7 @@ def load_clips(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec]
         for k, (a, b) in enumerate(_runs(cache["valid"], min_run)):
             clips.append({
                 "name": f"{Path(item['path']).stem}#{k}", "identity": item["identity"], "fps": fps,
-                "crops": {s.key: cache[f"crops_{s.key}"][a:b] for s in specs},
+                "crops": {s.key: cache[f"crops_{s.key}"][a:b] for s in specs} if pixels else {},
                 "transforms": {s.key: cache[f"transform_{s.key}"][a:b] for s in specs},
                 "landmarks": cache["landmarks"][a:b], "mels": mels[a:b], "speech": speech[a:b],
                 "times": times[a:b]})

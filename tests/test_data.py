@@ -144,6 +144,10 @@ def test_load_clips_runs_lag_and_speech(talking, face_video_silent, tmp_path):
     assert lips[0]["crops"]["lips32"].shape == (20, 32, 32, 3) and lips[0]["crops"]["lips32"].any()
     with pytest.raises(DubberError, match="no usable clips"):
         data.load_clips(items, tmp_path, [BOX64], min_run=30)
+    # without pixels (a model of landmarks and audio): the transforms, no images
+    bare = data.load_clips(items, tmp_path, [BOX64], pixels=False)
+    assert bare[1]["crops"] == {} and np.array_equal(bare[1]["transforms"]["box64"], clip["transforms"]["box64"])
+    assert np.array_equal(bare[3]["mels"], shifted["mels"])
 
 
 

@@ -54,8 +54,9 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     log(f"{len(items)} training files, {len({i['identity'] for i in items})} identities; caching to {cache_dir}")
     distributed.run_on_main(lambda: data.build_cache(items + val_items, cache_dir, specs, workers=workers,
                                                      progress=progress, log=log))
-    clips = data.load_clips(items, cache_dir, specs, recipe.mel_width())
-    val_clips = data.load_clips(val_items, cache_dir, specs, recipe.mel_width()) if val_items else []
+    clips = data.load_clips(items, cache_dir, specs, recipe.mel_width(), pixels=recipe.needs_pixels)
+    val_clips = data.load_clips(val_items, cache_dir, specs, recipe.mel_width(),
+                                pixels=recipe.needs_pixels) if val_items else []
     log(f"{len(clips)} clips, {sum(len(c['mels']) for c in clips)} frames; {len(val_clips)} validation clips")
     meta = {"source": f"{data_root} train split: GRID s1 every {grid_every}th training sentence + "
                       "manifest_wild.csv train clips with speech and a known lag",

@@ -68,6 +68,7 @@ class Recipe:
     select_mode: ClassVar[str] = "min"  # "min" or "max"
     ship_half: ClassVar[bool] = True  # store the shipped model in fp16
     validation_clips: ClassVar[int] = 8  # val_select clips scored at each validation (spread over identities)
+    needs_pixels: ClassVar[bool] = True  # False: the clips carry the crops' transforms, not their images
 
     def hyperparameters(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -66,6 +66,7 @@ class RewriteRecipe(Recipe):
     select_metric = "val_shape_error"
     ship_half: ClassVar[bool] = False  # 1.6 MB in fp32
     validation_clips: ClassVar[int] = 200  # every val_select clip: no pixels, a second per validation
+    needs_pixels: ClassVar[bool] = False  # landmarks (through the crop's transforms) and audio only
     batch_size: int = BATCH_SIZE
     lr: float = LEARNING_RATE
     weight_decay: float = WEIGHT_DECAY

@@ -2,16 +2,17 @@
 
 Stage 1 (this network) hears 0.5 s of speech round each frame and predicts the shape of the mouth
 at that frame: its 20 landmarks (dlib 48-67), each frame's points about their own centroid, as a
-deviation from the person's mean shape, in pixels of its crop (a 256 px box). Shapes are identity-free
-enough to learn from every frame of every clip (IP_LAP, Zhong et al. 2023, learns its landmarks
-the same way); pixels are not, on ~85 identities.
+deviation from the person's mean shape, in pixels of its crop (a 256 px box). Shapes are
+identity-free enough to learn from every frame of every clip (IP_LAP, Zhong et al. 2023, learns
+its landmarks the same way); pixels are not, on ~85 identities.
 
 Stage 2 is not learnt: dubber.mouthbank retrieves, among the video's own frames, the real lower
 face whose mouth shape is closest to the predicted one (staying on consecutive real frames where
 it can) and the pipeline pastes it as it pastes any crop. The crop is 256 px, near the size of a
 face in 720p/1080p video, so the pasted mouth is hardly resampled: real mouths keep their
-sharpness, teeth and lipstick (the network never sees pixels, so the size costs it nothing); the face must show a range of mouth shapes, so this backbone dubs videos, not photos
-(Video Rewrite, Bregler et al. 1997; "Synthesizing Obama", Suwajanakorn et al. 2017).
+sharpness, teeth and lipstick (the network never sees pixels, so the size costs it nothing). The
+video must show a range of mouth shapes, so this backbone dubs videos, not photos (Video Rewrite,
+Bregler et al. 1997; "Synthesizing Obama", Suwajanakorn et al. 2017).
 
 forward(faces [B, T, 3, S, S] (unused), mels [B, T, 1, 80, MOTION_MEL_WIDTH]) ->
 Generated(points=[B, T, 20, 2]): the centred-shape deviation, crop pixels.
@@ -33,7 +34,7 @@ SMOOTH_SIGMA = 2.0
 SMOOTH_RADIUS = 4
 MOTION_MEL_WIDTH = 40  # mel frames heard per video frame: 0.5 s, centred (a phoneme's neighbours shape the lips)
 MOUTH_POINTS = 20  # dlib 48-67
-CHANNELS = 128  # width of the temporal convolutions
+CHANNELS = 128  # width of the convolutions over the mel frames
 HIDDEN = 256
 TEMPORAL_KERNEL = 5  # frames each temporal layer sees (temporal > 0)
 

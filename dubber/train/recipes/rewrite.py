@@ -6,7 +6,8 @@ are the same window, scaled) -- the 20 mouth points about their centroid, minus 
 mean of that shape over the clip's run, the person's resting average (inference subtracts the
 mean over the video being dubbed: the same quantity). Half the samples are mirrored left-right
 (points and their order; the sound is the same), and each sample's loudness is jittered. Loss: L1
-on the points, pixels.
+on the points, pixels. With `temporal` > 0 (the model's layers across frames) a sample is a run of
+SEQUENCE frames instead (an ablation: it overfits sooner, weights/README.md).
 
 Validation, on held-out identities: `val_shape_error`, the mean point distance to the real shape
 (each sequence's mean shape removed, as LMD does) -- selected on; `val_still_error`, the same for a

@@ -197,3 +197,17 @@ def test_the_measured_lag_corrects_a_known_shift(grid_clip, tmp_path):
     out = adapt(shifted, tmp_path / "person.pt", steps=1, device="cpu", cache_dir=tmp_path / "cache",
                 log=lambda m: None)
     assert load_package(out)["meta"]["adapted"]["lag"] == original - 3
+
+
+def test_rewrite_adapts_and_dubs_in_one_run(face_video, speech_1s, cache, tmp_path):
+    """The rewrite backbone's stage 1 adapts too (landmarks and audio of the video, from the shipped
+    file) and dubs from the video's own mouths with the result."""
+    kept, dubbed = tmp_path / "kept.pt", tmp_path / "out.mp4"
+    code, stdout, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", dubbed, "--backbone", "rewrite",
+                                            "--adapt", "--adapt-steps", STEPS, "--adapt-out", kept, "--device", "cpu"])
+    assert code == 0, stderr
+    assert stdout.strip() == str(dubbed) and len(helpers.decode_frames(dubbed)) == 25
+    meta = load_package(kept)["meta"]
+    assert meta["backbone"] == "rewrite" and meta["adapted"]["steps"] == STEPS
+    assert meta["recipe"]["init"] == str(weights_path("rewrite").resolve())
+    assert meta["state_sha256"] != meta["adapted"]["base"]["state_sha256"]

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 from dubber import media
 from dubber.analysis import ProgressHook
+from dubber.audio import MEL_WINDOW
 from dubber import options as check
 from dubber.errors import DubberError
 
@@ -33,7 +34,9 @@ PathLike = Union[str, Path]
 # person's mouth, far short of the ~9,000 steps on up to 65 identities the shipped file was
 # trained with. A step costs about 1.1 CPU-seconds at 128 px (measured on this project's 2-core machine),
 # so 300 steps take some 5 minutes on one free core; a GPU does them in seconds.
-DEFAULT_STEPS: Dict[str, int] = {"dck": 300}
+# rewrite: 200 steps of 256 frames (~0.07 s each, no pixels) pass over a 30 s clip's 750 frames
+# some 70 times: its mouth shapes and this speaker's way of making them, in well under a minute.
+DEFAULT_STEPS: Dict[str, int] = {"dck": 300, "rewrite": 200}
 # The whole adaptation (preprocessing, lag, training) stops after this many minutes unless told
 # otherwise (--minutes): on a laptop CPU the steps then end early (a rerun continues), on a GPU
 # all of them fit. Half a minute under the issue's 5 minutes for a minute of 720p: start-up, the
@@ -160,7 +163,7 @@ def adapt(video: PathLike, out_path: PathLike, backbone: str = "dck", steps: Opt
         item = {"path": _first_part(info, Path(work), log), "identity": video.stem, "lag": 0, "video": video}
         log(f"preprocessing {video.name} ({min(info.duration, MAX_VIDEO_SECONDS):.1f} s): face tracking and crops")
         item["lag"] = _measured_lag(item, cache_dir, specs, progress, log)
-        clips = _clips(item, cache_dir, specs, progress)
+        clips = _clips(item, cache_dir, specs, progress, recipe.mel_width())
         frames = sum(len(clip["mels"]) for clip in clips)
         training_seconds = max(max_seconds - (time.perf_counter() - started), 1e-3)
         log(f"adapting {backbone} to {video.name}: {frames} frames with a face in {len(clips)} runs; "
@@ -216,8 +219,10 @@ def _measured_lag(item: dict, cache_dir: Path, specs, progress: Optional[Progres
     return int(row["lag"])
 
 
-def _clips(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook]) -> List[dict]:
-    """The clip dicts of one video (dubber.data), its cache built first; DubberError naming the
+def _clips(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook],
+           mel_width: int = MEL_WINDOW) -> List[dict]:
+    """The clip dicts of one video (dubber.data; mel windows of mel_width frames, by default the
+    sync expert's), its cache built first; DubberError naming the
     video when it cannot be preprocessed (no face, no readable frame), its audio is silent or no
     run of consecutive frames with a face is long enough, or it has under MIN_SPEECH_SECONDS of
     speech with a visible face."""
@@ -235,7 +240,7 @@ def _clips(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook])
     if not bool(load_cache(built[0], ["has_audio"])["has_audio"]):
         raise DubberError("its audio is silent: adaptation learns the mouth from the video's own speech", named)
     try:
-        clips = data.load_clips([item], cache_dir, specs)
+        clips = data.load_clips([item], cache_dir, specs, mel_width)
     except DubberError:
         raise DubberError(f"no run of {data.MIN_RUN} consecutive frames with a face: nothing to adapt on",
                           named) from None

@@ -75,6 +75,7 @@ class RewriteRecipe(Recipe):
     gain_jitter: float = GAIN_JITTER
     dropout: float = DROPOUT
     temporal: int = TEMPORAL
+    init: str = ""  # path of a rewrite file to start from (fine-tuning, dubber adapt) instead of a fresh model
 
     def crops(self) -> Sequence[CropSpec]:
         return [LANDMARK_CROP]
@@ -83,7 +84,7 @@ class RewriteRecipe(Recipe):
         return MOTION_MEL_WIDTH
 
     def build(self):
-        return {"model": Rewrite(dropout=self.dropout, temporal=self.temporal)}
+        return {"model": self.initialised(Rewrite(dropout=self.dropout, temporal=self.temporal), self.init)}
 
     @property
     def sequence(self) -> int:

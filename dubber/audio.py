@@ -82,7 +82,7 @@ def _stft_window() -> np.ndarray:
 
 
 def log_mel(wav: np.ndarray) -> np.ndarray:
-    """float32 [n] at SAMPLE_RATE -> normalised log-mel spectrogram float32 [N_MELS, T], values in [-4, 4].
+    """float32 [n] at SAMPLE_RATE -> normalised log-mel spectrogram float32 [N_MELS, T], values in [MEL_MIN, MEL_MAX].
 
     Wav2Lip's features (librosa's centred STFT of the pre-emphasised track, Slaney mel bank, dB),
     computed with numpy: librosa's numbers to float rounding (a test compares them), without the
@@ -130,7 +130,7 @@ def mel_window_starts(times_s: np.ndarray, width: int) -> np.ndarray:
 def mel_windows(mel: np.ndarray, times_s: np.ndarray, width: int) -> np.ndarray:
     """Cut one window per timestamp: mel [N_MELS, T], times_s [N] -> [N, N_MELS, width].
 
-    Window i is centred on times_s[i]; edges are padded with the quietest value (-4) so frames
+    Window i is centred on times_s[i]; edges are padded with the quietest value (MEL_MIN) so frames
     at the very start or past the end of the audio see silence rather than a wrap-around.
     """
     starts = mel_window_starts(times_s, width)
@@ -138,7 +138,7 @@ def mel_windows(mel: np.ndarray, times_s: np.ndarray, width: int) -> np.ndarray:
     inside = (index >= 0) & (index < mel.shape[1])
     # Gather, then silence what falls outside the track: no padded copy of the whole spectrogram.
     windows = mel[:, np.clip(index, 0, mel.shape[1] - 1)].transpose(1, 0, 2)
-    return np.ascontiguousarray(np.where(inside[:, None, :], windows, np.float32(-4.0)), dtype=mel.dtype)
+    return np.ascontiguousarray(np.where(inside[:, None, :], windows, np.float32(MEL_MIN)), dtype=mel.dtype)
 
 
 def envelope(wav: np.ndarray, times_s: np.ndarray, window_s: float = 0.04) -> np.ndarray:

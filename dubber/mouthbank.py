@@ -31,7 +31,9 @@ from dubber.face.crops import CropSpec
 from dubber.face.landmarks import MOUTH, centred_mouth, predict_landmarks
 from dubber.face.track import FaceTrack
 
-MAX_ENTRIES = 1500  # mouths kept (evenly spaced over the video): 1,500 DCK crops are 74 MB, a minute at 25 fps
+# mouths kept (evenly spaced over the video), a minute at 25 fps: 1,500 crops are 74 MB at DCK's
+# 128 px, 295 MB at rewrite's 256 px
+MAX_ENTRIES = 1500
 MIN_ENTRIES = 25  # fewer real mouths than a second of video cannot cover a person's shapes
 STAY_MARGIN = 0.5  # keep the previous pick's successor while its shape distance is within (1 + this) x the best's
 APPEARANCE = (24, 12)  # grey thumbnail (w, h) of the mouth region compared beside the shape: teeth, tongue, shadow
@@ -75,8 +77,10 @@ class MouthBank:
     source: str = ""
     exclude_radius: int = 0
     _keys: np.ndarray = field(init=False, repr=False)
+    mean_shape: np.ndarray = field(init=False, repr=False)  # the person's average mouth: centred points [20, 2]
     _previous: Optional[int] = field(default=None, init=False, repr=False)
     _successor: np.ndarray = field(init=False, repr=False)
+    _looks: Optional[np.ndarray] = field(default=None, init=False, repr=False)  # on first use: retrieval by shape alone needs none
 
     def __post_init__(self):
         self._keys = descriptor(self.points).astype(np.float32)
@@ -84,7 +88,7 @@ class MouthBank:
         low, high = self.points.min((0, 1)), self.points.max((0, 1))
         grow = 0.1 * (high - low)
         self._region = np.concatenate([low - grow, high + grow]).round().astype(int).clip(0, self.crops.shape[1])
-        self._looks = np.stack([self._look(crop) for crop in self.crops]) if len(self.crops) else np.zeros((0,))
+        self.mean_shape = self._keys.mean(0).reshape(-1, 2)
         # entry k + 1 continues entry k only when it is the next frame kept of the same run
         gaps = np.diff(self.frames)
         step = int(np.median(gaps)) if len(gaps) else 1
@@ -107,11 +111,6 @@ class MouthBank:
         look -= look.mean()
         return look / max(float(np.linalg.norm(look)), 1e-6)
 
-    @property
-    def mean_shape(self) -> np.ndarray:
-        """The person's average mouth shape over the bank: centred points [20, 2]."""
-        return self._keys.mean(0).reshape(-1, 2)
-
     def retrieve(self, points: np.ndarray, crop: Optional[np.ndarray] = None, frame: Optional[int] = None) -> int:
         """The entry whose mouth shape is closest to `points` [20, 2] -- and, given the generated
         `crop`, whose mouth region looks most alike, each distance in units of its median -- (the
@@ -120,6 +119,8 @@ class MouthBank:
         cost = ((self._keys - descriptor(points).ravel()) ** 2).sum(1)
         if crop is not None:
             cost = cost / max(float(np.median(cost)), 1e-6)
+            if self._looks is None:  # the bank's thumbnails, cut once (0.3 s for 1,500 256 px crops)
+                self._looks = np.stack([self._look(entry) for entry in self.crops])
             looks = ((self._looks - self._look(crop)) ** 2).sum(1)
             cost = cost + looks / max(float(np.median(looks)), 1e-6)
         if frame is not None and self.exclude_radius > 0:

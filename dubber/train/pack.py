@@ -6,7 +6,8 @@ Layout of a pack folder:
   crops_<key>.mp4   every clip's crops of one CropSpec, clip after clip, H.264 4:4:4 at PACK_CRF
   clips.npz         per clip: name, identity, fps, length; per frame: the crop transforms, the
                     speech flags and an offset into the clip's mel segment; per clip a log-mel
-                    segment [N_MELS, columns] quantised to uint8 over [MEL_LOW, MEL_HIGH]
+                    segment [N_MELS, columns] quantised to uint8 (255 steps) over
+                    [audio.MEL_MIN, audio.MEL_MAX]
 A pack holds no landmarks: it is for training steps, not for validation (which refits landmarks).
 
     python -m dubber.train.pack --data ../shared/data --cache CACHE --offsets weights/offsets.csv \
@@ -26,7 +27,6 @@ from dubber.face.crops import CropSpec
 PACK_CRF = 16  # x264 quality of the crop videos: about 2 grey levels off, ~0.5 kB a 128 px frame
 PACK_PRESET = "slow"  # written once, carried often: smaller files are worth the encoding time
 PACK_RATE = 25.0  # frames per second the crop videos claim; frames are indexed, never timed
-MEL_LOW, MEL_HIGH = -4.0, 4.0  # the range audio.log_mel normalises to; quantised in 255 steps
 
 
 def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, crop_keys: Sequence[str] = (),
@@ -110,18 +110,19 @@ def _mel_segment(windows: np.ndarray, times_s: np.ndarray):
     width = windows.shape[-1]
     starts = audio.mel_window_starts(times_s, width)
     offsets = starts - starts.min()
-    segment = np.full((windows.shape[1], offsets.max() + width), MEL_LOW, np.float32)
+    segment = np.full((windows.shape[1], offsets.max() + width), audio.MEL_MIN, np.float32)
     for window, start in zip(windows, offsets):
         segment[:, start:start + width] = window
     return segment, offsets
 
 
 def _quantise(mel: np.ndarray) -> np.ndarray:
-    return np.round((np.clip(mel, MEL_LOW, MEL_HIGH) - MEL_LOW) * (255 / (MEL_HIGH - MEL_LOW))).astype(np.uint8)
+    span = audio.MEL_MAX - audio.MEL_MIN
+    return np.round((np.clip(mel, audio.MEL_MIN, audio.MEL_MAX) - audio.MEL_MIN) * (255 / span)).astype(np.uint8)
 
 
 def _dequantise(mel: np.ndarray) -> np.ndarray:
-    return (mel.astype(np.float32) * ((MEL_HIGH - MEL_LOW) / 255) + MEL_LOW).astype(np.float32)
+    return (mel.astype(np.float32) * ((audio.MEL_MAX - audio.MEL_MIN) / 255) + audio.MEL_MIN).astype(np.float32)
 
 
 if __name__ == "__main__":

@@ -78,8 +78,11 @@ class Recipe:
         raise NotImplementedError
 
     def mel_width(self) -> int:
-        """Mel frames in each frame's audio window of the clips (dubber.data.load_clips)."""
-        return MEL_WINDOW
+        """Mel frames in each frame's audio window of the clips (dubber.data.load_clips): what the
+        model declares (Backbone.mel_width), the experts' MEL_WINDOW otherwise."""
+        from dubber.backbones import models
+
+        return getattr(models()[self.model], "mel_width", MEL_WINDOW)
 
     def build(self) -> Dict[str, torch.nn.Module]:
         """Named modules, freshly initialised; "model" is the one shipped."""

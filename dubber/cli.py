@@ -475,7 +475,6 @@ def train(
 ):
     """Train a backbone or the sync expert from scratch on the corpus; checkpoints and resumes."""
     import datetime
-    import json
 
     from dubber.train import distributed, train_from_corpus
 
@@ -489,29 +488,91 @@ def train(
         check.existing_file("--pack", pack / "clips.npz")
         if val_every:
             raise check.OptionError("--val-every", val_every, "a pack holds no landmarks to validate with: drop --pack or --val-every")
-    hyperparameters = {}
-    for text in set_:
-        key, equals, value = text.partition("=")
-        if not equals or not key:
-            raise check.OptionError("--set", text, "must be KEY=VALUE")
-        try:
-            hyperparameters[key] = json.loads(value)  # numbers, true/false, [lists]
-        except ValueError:
-            hyperparameters[key] = value  # anything else is a string (a path)
+    hyperparameters = _recipe_settings(backbone, set_, batch_size, sync_expert)
     if out is None:
         out = Path("runs") / f"{backbone}-{datetime.datetime.now():%Y%m%d-%H%M%S}" / f"{backbone}.pt"
     main = distributed.is_main()  # under torchrun, process 0 alone reports and writes
     quiet = quiet or not main
+    above = check.nearest_existing(out.parent)  # the folders made below it go again if training fails at once
     if main:
         out.parent.mkdir(parents=True, exist_ok=True)
     log = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
-    with _progress(quiet) as hook:
-        written = train_from_corpus(backbone, data, cache, out, steps, batch_size, device, grid_every, resume,
-                                    sync_expert, val_every, patience, log_every, checkpoint_every, workers,
-                                    hyperparameters=hyperparameters, offsets=offsets, log=log, progress=hook,
-                                    max_seconds=minutes * 60 if minutes else None, pack=pack)
+    try:
+        with _progress(quiet) as hook:
+            written = train_from_corpus(backbone, data, cache, out, steps, batch_size, device, grid_every, resume,
+                                        sync_expert, val_every, patience, log_every, checkpoint_every, workers,
+                                        hyperparameters=hyperparameters, offsets=offsets, log=log, progress=hook,
+                                        max_seconds=minutes * 60 if minutes else None, pack=pack)
+    except BaseException:
+        if main:
+            _remove_empty_folders(out.parent, above)
+        raise
     if main:
         typer.echo(str(written))
+
+
+def _remove_empty_folders(folder: Path, above: Path) -> None:
+    """Remove `folder` and its parents up to (not including) `above` while they are empty: the run
+    folder of a training that failed before writing anything."""
+    folder, above = Path(os.path.abspath(folder)), Path(os.path.abspath(above))
+    while folder != above and above in folder.parents:
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def _recipe_settings(backbone: str, texts: List[str], batch_size: Optional[int],
+                     sync_expert: Optional[Path]) -> dict:
+    """--set KEY=VALUE values -> the recipe's hyperparameters, each checked against the recipe: a
+    field it has, a value of that field's type (numbers: not negative), before any work."""
+    import dataclasses
+    import json
+
+    from dubber.train.recipes import recipe_for
+
+    fields = {f.name: f for f in dataclasses.fields(type(recipe_for(backbone)))}
+    if sync_expert is not None and "sync_expert" not in fields:
+        raise check.OptionError("--sync-expert", sync_expert, f"{backbone} trains without a sync expert loss")
+    values = {}
+    for text in texts:
+        key, equals, raw = text.partition("=")
+        if not equals or not key:
+            raise check.OptionError("--set", text, "must be KEY=VALUE")
+        if key not in fields:
+            raise check.OptionError("--set", text, f"{backbone} has no hyperparameter {key}; it has: "
+                                                   f"{', '.join(sorted(fields))}")
+        default = fields[key].default
+        try:
+            value = json.loads(raw)  # numbers, true/false, [lists]
+        except ValueError:
+            value = raw  # anything else is a string (a path)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise check.OptionError("--set", text, f"{key} must be true or false")
+        elif isinstance(default, (int, float)):
+            integer = isinstance(default, int)
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                raise check.OptionError("--set", text, f"{key} must be {'a whole number' if integer else 'a number'}")
+            low = 1 if key == "batch_size" else 0
+            if value != value or value < low:  # NaN
+                raise check.OptionError("--set", text, f"{key} must be at least {low}")
+            value = value if integer else float(value)
+        elif isinstance(default, tuple):
+            if (not isinstance(value, list) or len(value) != len(default)
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise check.OptionError("--set", text, f"{key} must be {len(default)} numbers, e.g. "
+                                                       f"{key}={json.dumps(list(default))}")
+            value = tuple(value)
+        elif isinstance(default, str):
+            value = raw
+        values[key] = value
+    try:  # whatever else the recipe itself checks
+        recipe_for(backbone, **{**values, **({"batch_size": batch_size} if batch_size else {})})
+    except DubberError as exc:
+        raise check.OptionError("--set", " ".join(texts), str(exc)) from None
+    return values
 
 
 @app.command()
@@ -820,6 +881,8 @@ def main():
     try:
         command = typer.main.get_command(app)
         code = command.main(args=sys.argv[1:], prog_name="dubber", standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
+            typer.echo("error: interrupted", err=True)
         sys.exit(code if isinstance(code, int) else 0)
     except check.OptionError as exc:
         typer.echo(f"error: {exc}", err=True)

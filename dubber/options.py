@@ -104,7 +104,7 @@ def existing_folder(option: str, path: PathLike) -> Path:
     return path
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
     """`path` or the closest ancestor of it that exists (the current folder at worst)."""
     path = Path(os.path.abspath(path))
     while not path.exists() and path.parent != path:
@@ -114,7 +114,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def _check_creatable(option: str, path: Path, shown: Path) -> None:
     """Everything above `path` that exists is a writable folder (so `path` can be created)."""
-    above = _nearest_existing(path.parent)
+    above = nearest_existing(path.parent)
     if not above.is_dir():
         raise OptionError(option, shown, f"{above} is a file, not a folder")
     if not os.access(above, os.W_OK | os.X_OK):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import helpers
+from dubber.errors import DubberError
 
 SECONDS = 1.0
 
@@ -195,6 +196,18 @@ CASES = {
                              ["--out", "m.txt", "must end in .pt"]),
     "train_out_shipped_weights": Case(_train("--data", _train_data, "--out", lambda f, out: f["weights"] / "dck.pt"),
                                       2, ["--out", "weights/dck.pt", "--force"]),
+    "train_log_every_zero": Case(_train("--log-every", "0"), 2, ["--log-every 0", "at least 1"]),
+    "train_checkpoint_every_zero": Case(_train("--checkpoint-every", "0"), 2, ["--checkpoint-every 0", "at least 1"]),
+    "train_val_every_negative": Case(_train("--val-every", "-1"), 2, ["--val-every -1", "at least 0"]),
+    "train_set_unknown_key": Case(_train("--data", _train_data, "--set", "foo=1"), 2,
+                                  ["--set foo=1", "dck has no hyperparameter foo", "lr"]),
+    "train_set_not_a_number": Case(_train("--data", _train_data, "--set", "lr=abc"), 2,
+                                   ["--set lr=abc", "lr must be a number"]),
+    "train_set_batch_size_zero": Case(_train("--data", _train_data, "--set", "batch_size=0"), 2,
+                                      ["--set batch_size=0", "at least 1"]),
+    "train_sync_expert_without_its_loss": Case(_train("--data", _train_data, "--backbone", "toy_frame", "--sync-expert",
+                                                      lambda f, out: f["weights"] / "syncnet.pt"), 2,
+                                               ["--sync-expert", "syncnet.pt", "toy_frame trains without"]),
 }
 
 
@@ -287,6 +300,50 @@ def test_eval_with_some_failed_clips_says_so(tmp_path):
     assert code == 0, stderr
     assert "note: 1 of 2 clips failed" in stderr and "broken.mp4" in stderr
     assert "1 clips" in stdout and "1 failed" in stdout
+
+
+def _fake_training(monkeypatch, effect):
+    """dubber.train.train_from_corpus replaced: `effect(out)` runs instead; returns the outs it was given."""
+    import dubber.train
+
+    given = []
+
+    def fake(name, data, cache, out, *args, **kwargs):
+        given.append(Path(out))
+        return effect(Path(out))
+
+    monkeypatch.setattr(dubber.train, "train_from_corpus", fake)
+    return given
+
+
+def test_train_writes_under_a_run_folder_by_default(tmp_path, monkeypatch):
+    """Without --out: runs/<backbone>-<date>/<backbone>.pt, never a shipped file in weights/."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    given = _fake_training(monkeypatch, lambda out: out)
+    code, stdout, stderr = helpers.run_cli(["train", "--backbone", "toy_frame", "--data", tmp_path, "--cache",
+                                            tmp_path / "cache", "-q"])
+    assert code == 0, stderr
+    assert re.fullmatch(r"runs/toy_frame-\d{8}-\d{6}/toy_frame\.pt", given[0].as_posix()), given
+    assert stdout.strip() == given[0].as_posix() and given[0].parent.is_dir()
+
+
+@pytest.mark.parametrize("failure, code", [(KeyboardInterrupt, 130), (DubberError("no usable clips"), 1)])
+def test_train_stopped_at_once_leaves_no_run_folder(tmp_path, monkeypatch, failure, code):
+    """Ctrl-C (or a failure) before anything is written: one line, exit 130 (1), and the run folder
+    made for it is gone again. (The loop itself writes its checkpoint on Ctrl-C: test_adapt.)"""
+    def stop(out):
+        raise failure
+
+    monkeypatch.chdir(tmp_path)
+    _fake_training(monkeypatch, stop)
+    code_seen, _, stderr = helpers.run_cli(["train", "--backbone", "toy_frame", "--data", tmp_path, "--cache",
+                                            tmp_path / "cache", "-q"])
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code_seen == code and len(lines) == 1, stderr
+    assert lines[0] == ("error: interrupted" if code == 130 else "error: no usable clips"), stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_no_internal_error_for_a_bad_value_in_a_real_process(tmp_path):

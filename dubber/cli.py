@@ -419,7 +419,7 @@ def blend(
 def _check_train(backbone: str, data: Path, cache: Path, out: Optional[Path], force: bool, steps: int,
                  batch_size: Optional[int], device: str, grid_every: int, sync_expert: Optional[Path],
                  val_every: int, patience: int, log_every: int, checkpoint_every: int, workers: int) -> None:
-    from dubber.backbones import WEIGHTS_DIR, models
+    from dubber.backbones import in_weights_dir, models
     from dubber.train.recipes import trainable
 
     names = trainable()
@@ -445,7 +445,7 @@ def _check_train(backbone: str, data: Path, cache: Path, out: Optional[Path], fo
         check.existing_file("--sync-expert", sync_expert)
     if out is not None:
         check.output_file("--out", out, overwrite=True, suffixes=(".pt",))
-        if out.resolve().parent == WEIGHTS_DIR.resolve() and not force:
+        if in_weights_dir(out) and not force:
             raise check.OptionError("--out", out, "would replace a shipped file in weights/; add --force to do that")
 
 
@@ -580,7 +580,8 @@ def adapt(
     video: Path = typer.Argument(..., help="Video of the person to dub, with their own speech."),
     output: Path = typer.Option(..., "-o", "--output", help="Model file to write, .pt (a rerun continues from the "
                                                              "checkpoint beside it)."),
-    backbone: str = typer.Option("dck", help="Backbone whose shipped weights are adapted."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone whose shipped weights are adapted (default: the one "
+                                                      "lipsync uses for a video, rewrite)."),
     steps: Optional[int] = typer.Option(None, help="Total optimiser steps (default: the backbone's: "
                                                    f"{_STEPS_NOTE}; a rerun continues to this count)."),
     minutes: Optional[float] = typer.Option(None, help=f"Stop after this many minutes in all, preprocessing "

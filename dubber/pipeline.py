@@ -23,7 +23,7 @@ from dubber import options as check
 from dubber.analysis import (ANALYSIS_WORKERS, Analysis, FaceChoice, ProgressHook, analyse, analyse_stored,
                              progress_step)
 from dubber.apply import BATCH_FRAMES, Generator, Step, apply_backbone
-from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone
+from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone, load_backbone_file
 from dubber.cache import load_cache
 from dubber.blend import BLEND_MODES, Paster, lower_face_mask
 from dubber.conditioning import identity_frame
@@ -238,11 +238,31 @@ def _frames_in_order(analysis: Analysis, order: np.ndarray, first: int = 0) -> I
         yield from media.iter_frames(analysis.info, (np.asarray(order) + first).tolist())
 
 
-def resolve_backbone(options: LipsyncOptions, is_image: bool) -> Backbone:
+def resolve_backbone(options: LipsyncOptions, info: media.MediaInfo, notes: Optional[List[str]] = None) -> Backbone:
+    """The backbone: options.backbone (a name, or a Backbone object), else the model a --weights file
+    holds (an adapted file names its own), else the default for the input -- DEFAULT_VIDEO_BACKBONE
+    for a video, DEFAULT_PHOTO_BACKBONE for a photo or for a video part too short for a backbone that
+    renders from the video's own mouths (dubber.mouthbank.MIN_ENTRIES frames; a note in `notes`)."""
     if isinstance(options.backbone, Backbone):
         return options.backbone
-    name = options.backbone or (DEFAULT_PHOTO_BACKBONE if is_image else DEFAULT_VIDEO_BACKBONE)
-    return load_backbone(name, options.weights)
+    if options.backbone:
+        return load_backbone(options.backbone, options.weights)
+    if options.weights is not None:
+        return load_backbone_file(options.weights)
+    if info.is_image:
+        return load_backbone(DEFAULT_PHOTO_BACKBONE)
+    default = load_backbone(DEFAULT_VIDEO_BACKBONE)
+    if default.returns_points and options.mouth_bank_source is None:
+        from dubber.mouthbank import MIN_ENTRIES
+
+        _, count = _segment(info, options)
+        seconds = info.duration - options.start if count is None else count / info.fps
+        if info.duration and seconds * info.fps < MIN_ENTRIES:
+            if notes is not None:
+                notes.append(f"{info.path.name} shows {seconds:.2f} s, too little for {default.name}'s bank of the "
+                             f"person's own mouths ({MIN_ENTRIES} frames): dubbed with {DEFAULT_PHOTO_BACKBONE}")
+            return load_backbone(DEFAULT_PHOTO_BACKBONE)
+    return default
 
 
 def blend_mode(options: LipsyncOptions, backbone: Backbone) -> str:
@@ -321,7 +341,7 @@ def lipsync(face_path: PathLike, audio_path: Optional[PathLike], output: PathLik
     output = media.check_output(output, [p for p in inputs if p is not None], options.overwrite)
     info = media.probe(face_path)
     options.check_input(info)
-    backbone = resolve_backbone(options, info.is_image)
+    backbone = resolve_backbone(options, info, notes)
     bank_info = options.check_bank(info, backbone)
     mode = blend_mode(options, backbone)
     device = select_device(options.device)
@@ -455,7 +475,7 @@ def _dub(frames: Iterator[Tuple[np.ndarray, bool]], speaker: _Speaker, order: np
                 bank.reset()  # a gap: the next run starts its own sequence of real mouths
             return frame, dubbed
         if backbone.returns_points:  # a mouth shape: the bank's real mouth closest to it
-            generated = bank.render_shape(generated, source)
+            generated = bank.render_shape(generated, source, backbone.points_centred)
         elif bank is not None:  # in order on the paste thread: the bank's pick follows the frames
             generated = bank.render(generated, crop_box(box, matrix))
         if paster is None or paster.frame is not frame or paster.source_crop is not crop:

@@ -33,10 +33,10 @@ def bad_videos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory, face_video, cache):
-    """`dubber adapt face_motion.mp4 -o person.pt --steps 2` -> (person.pt, stderr)."""
+    """`dubber adapt face_motion.mp4 -o person.pt --backbone dck --steps 2` -> (person.pt, stderr)."""
     out = tmp_path_factory.mktemp("adapted") / "person.pt"
-    code, stdout, stderr = helpers.run_cli(["adapt", face_video, "-o", out, "--steps", STEPS, "--device", "cpu",
-                                            "--cache", cache])
+    code, stdout, stderr = helpers.run_cli(["adapt", face_video, "-o", out, "--backbone", "dck", "--steps", STEPS,
+                                            "--device", "cpu", "--cache", cache])
     assert code == 0, stderr
     assert stdout.strip() == str(out)
     return out, stderr
@@ -67,8 +67,8 @@ def test_a_rerun_with_more_steps_continues(adapted, face_video, cache, tmp_path)
     copy = tmp_path / out.name
     for path in out.parent.glob("person*"):
         shutil.copy(path, tmp_path / path.name)
-    code, _, stderr = helpers.run_cli(["adapt", face_video, "-o", copy, "--steps", STEPS + 1, "--device", "cpu",
-                                       "--cache", cache])
+    code, _, stderr = helpers.run_cli(["adapt", face_video, "-o", copy, "--backbone", "dck", "--steps", STEPS + 1,
+                                       "--device", "cpu", "--cache", cache])
     assert code == 0, stderr
     assert f"resumed from {copy.parent}" in stderr and f"at step {STEPS}" in stderr
     meta = load_package(copy)["meta"]
@@ -95,18 +95,18 @@ def test_an_interrupted_adaptation_leaves_no_model_and_resumes(face_video, cache
             raise KeyboardInterrupt  # Ctrl-C during the second step's report
 
     with pytest.raises(KeyboardInterrupt):
-        adapt(face_video, out, steps=3, device="cpu", cache_dir=cache, log=lambda m: None, progress=progress)
+        adapt(face_video, out, "dck", steps=3, device="cpu", cache_dir=cache, log=lambda m: None, progress=progress)
     assert not out.exists() and not list(tmp_path.glob(".person.pt*"))
     assert ("adapt", 0, 3) in seen and any(stage == "build cache" for stage, _, _ in seen)
     messages = []
-    assert adapt(face_video, out, steps=3, device="cpu", cache_dir=cache, log=messages.append) == out
+    assert adapt(face_video, out, "dck", steps=3, device="cpu", cache_dir=cache, log=messages.append) == out
     assert any("at step 2" in m for m in messages) and load_package(out)["meta"]["steps"] == 3
 
 
 def test_the_loss_goes_down(face_video, cache, tmp_path):
     from dubber.train.adapt import adapt
 
-    out = adapt(face_video, tmp_path / "person.pt", steps=12, device="cpu", cache_dir=cache, log=lambda m: None)
+    out = adapt(face_video, tmp_path / "person.pt", "dck", steps=12, device="cpu", cache_dir=cache, log=lambda m: None)
     losses = load_package(out)["meta"]["adapted"]["losses"]  # the mean of every 3 steps
     assert [row["step"] for row in losses] == [3, 6, 9, 12]
     assert losses[-1]["total_g"] < losses[0]["total_g"], losses
@@ -119,7 +119,8 @@ def test_lipsync_with_adapted_weights(adapted, face_video, speech_1s, tmp_path):
                                             "--device", "cpu", "-q"])
     assert code == 0, stderr
     assert stdout.strip() == str(dubbed)
-    code, _, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", generic, "--device", "cpu", "-q"])
+    code, _, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", generic, "--backbone", "dck",
+                                       "--device", "cpu", "-q"])
     assert code == 0, stderr
     frames, shipped = helpers.decode_frames(dubbed), helpers.decode_frames(generic)
     assert len(frames) == len(shipped) == 25
@@ -128,8 +129,8 @@ def test_lipsync_with_adapted_weights(adapted, face_video, speech_1s, tmp_path):
 
 def test_lipsync_adapt_then_dub_in_one_run(face_video, speech_1s, tmp_path):
     kept, dubbed = tmp_path / "kept.pt", tmp_path / "out.mp4"
-    code, stdout, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", dubbed, "--adapt",
-                                            "--adapt-steps", STEPS, "--adapt-out", kept, "--device", "cpu"])
+    code, stdout, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", dubbed, "--adapt", "--backbone",
+                                            "dck", "--adapt-steps", STEPS, "--adapt-out", kept, "--device", "cpu"])
     assert code == 0, stderr
     assert stdout.strip() == str(dubbed) and len(helpers.decode_frames(dubbed)) == 25
     assert "first step took" in stderr and "adapt" in stderr
@@ -140,7 +141,8 @@ def test_lipsync_adapt_then_dub_in_one_run(face_video, speech_1s, tmp_path):
     (["adapt", "{video}", "-o", "{tmp}/p.pt", "--steps", "0"], 2, ["--steps 0", "at least 1"]),
     (["adapt", "{video}", "-o", "{tmp}"], 2, ["is a folder"]),
     (["adapt", "{video}", "-o", "{tmp}/p.mp4"], 2, ["must end in .pt"]),
-    (["adapt", "{video}", "-o", "{base}"], 2, ["is an input"]),
+    (["adapt", "{video}", "-o", "{base}", "--backbone", "dck"], 2, ["is an input"]),
+    (["adapt", "{video}", "-o", "{base}"], 2, ["dck.pt", "is in weights/"]),  # never over a shipped file
     (["adapt", "{video}", "-o", "{tmp}/p.pt", "--minutes", "0"], 2, ["--minutes 0", "greater than 0"]),
     (["adapt", "{video}", "-o", "{tmp}/p.pt", "--backbone", "toy_frame"], 2, ["--backbone toy_frame", "dck"]),
     (["adapt", "{photo}", "-o", "{tmp}/p.pt"], 1, ["is a photo"]),
@@ -160,7 +162,8 @@ def test_lipsync_adapt_then_dub_in_one_run(face_video, speech_1s, tmp_path):
      ["--face-index 1", "largest face"]),
     (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--adapt", "--adapt-out", "{tmp}"], 2,
      ["--adapt-out", "is a folder"]),
-    (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--weights", "{expert}"], 1, ["not 'dck'"]),
+    (["lipsync", "{video}", "{speech}", "-o", "{tmp}/o.mp4", "--weights", "{expert}"], 1,
+     ["syncnet.pt", "not a generator backbone"]),
 ])
 def test_refusals(args, code, words, face_video, face_video_silent, face_still, speech_1s, bad_videos, tmp_path):
     values = {"video": face_video, "silent": face_video_silent, "photo": face_still, "speech": speech_1s,
@@ -194,7 +197,7 @@ def test_the_measured_lag_corrects_a_known_shift(grid_clip, tmp_path):
     specs = list(recipe_for("dck", init=str(weights_path("dck"))).crops())
     item = {"path": grid_clip, "identity": "s1", "lag": 0}
     original = _measured_lag(item, tmp_path / "cache", specs, None, lambda m: None)
-    out = adapt(shifted, tmp_path / "person.pt", steps=1, device="cpu", cache_dir=tmp_path / "cache",
+    out = adapt(shifted, tmp_path / "person.pt", "dck", steps=1, device="cpu", cache_dir=tmp_path / "cache",
                 log=lambda m: None)
     assert load_package(out)["meta"]["adapted"]["lag"] == original - 3
 

@@ -121,20 +121,23 @@ def _outside_mouth_change(source_frames, output_frames, landmarks):
 
 
 @pytest.mark.slow
-def test_no_arc_or_ghost_on_a_real_clip(tmp_path):
-    """DCK on the held-out identity hdtf_KatieHill (its first second): outside the mouth the face
-    changes little and smoothly. Before these fixes: 5.0 grey levels, gradient 1.22 (arc, nose).
-    The zone takes in the chin, which moves with the jaw: the session-2 weights gave 2.37 / 0.74,
-    the session-5 weights, whose mouth opens more with the speech, 2.76 / 0.80 (no arc to see)."""
+@pytest.mark.parametrize("backbone, most_change, most_gradient", [("dck", 3.5, 0.95), ("rewrite", 3.5, 1.1)])
+def test_no_arc_or_ghost_on_a_real_clip(tmp_path, backbone, most_change, most_gradient):
+    """Each backbone on the held-out identity hdtf_KatieHill (its first second): outside the mouth
+    the face changes little and smoothly. Before these fixes (DCK): 5.0 grey levels, gradient 1.22
+    (arc, nose). The zone takes in the chin, which moves with the jaw: DCK's session-2 weights gave
+    2.37 / 0.74, the session-5 weights, whose mouth opens more with the speech, 2.76 / 0.80 (no arc
+    to see); rewrite, whose lower face (chin included) is another real frame's, 3.15 / 0.96."""
     if not WILD.is_file():
         pytest.skip("../shared/data/wild/hdtf_KatieHill.mp4 is not on this machine")
     speech = helpers.make_tone_speech(tmp_path / "speech.wav", 1.0)
     output = tmp_path / "dub.mp4"
-    code, _, stderr = helpers.run_cli(["lipsync", WILD, speech, "-o", output, "--duration", "1", "-q"])
+    code, _, stderr = helpers.run_cli(["lipsync", WILD, speech, "-o", output, "--duration", "1", "--backbone",
+                                       backbone, "-q"])
     assert code == 0, stderr
     source = helpers.decode_frames(WILD)[:25]
     result = helpers.decode_frames(output)
     landmarks = analyse(WILD).track.landmarks[:25]
     change, gradient = _outside_mouth_change(source, result, landmarks)
     print(f"outside the mouth: mean |change| {change:.2f}, mean |gradient| {gradient:.2f}")
-    assert change < 3.5 and gradient < 0.95  # an arc or a ghost edge: 5.0 / 1.22
+    assert change < most_change and gradient < most_gradient  # an arc or a ghost edge: 5.0 / 1.22

@@ -101,10 +101,11 @@ def test_too_few_faces_is_refused(face_video):
 
 
 def test_lipsync_mouth_bank(face_video, speech_1s, tmp_path):
+    """--mouth-bank over a backbone that draws mouths (dck; rewrite always renders from the bank)."""
     plain, banked, other = tmp_path / "plain.mp4", tmp_path / "bank.mp4", tmp_path / "other.mp4"
     for out, extra in ((plain, []), (banked, ["--mouth-bank"]), (other, ["--mouth-bank-source", face_video])):
-        code, stdout, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", out, "--device", "cpu",
-                                                "-q", *extra])
+        code, stdout, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", out, "--backbone", "dck",
+                                                "--device", "cpu", "-q", *extra])
         assert code == 0, stderr
         assert stdout.strip() == str(out)
     a, b, c = (helpers.decode_frames(p) for p in (plain, banked, other))

@@ -28,7 +28,7 @@ BUILTIN = {
 }
 # Named by the project but not implemented yet: the error can say so.
 PLANNED = ("mia", "amie", "cran")
-DEFAULT_VIDEO_BACKBONE = "dck"
+DEFAULT_VIDEO_BACKBONE = "rewrite"  # the two-stage backbone: the person's own mouths, moved to the speech (weights/README.md)
 DEFAULT_PHOTO_BACKBONE = "dck"
 
 _REGISTRY: Dict[str, type] = {}
@@ -54,6 +54,11 @@ def available() -> Dict[str, type]:
 
 def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.pt"
+
+
+def in_weights_dir(path: Union[str, Path]) -> bool:
+    """Whether `path` would be written among the shipped files (WEIGHTS_DIR)."""
+    return Path(path).resolve().parent == WEIGHTS_DIR.resolve()
 
 
 def load(name: str, weights: Optional[Union[str, Path]] = None):
@@ -84,6 +89,17 @@ def load_backbone(name: str, weights: Optional[Union[str, Path]] = None) -> Back
     return load(name, weights)
 
 
+def load_backbone_file(weights: Union[str, Path]) -> Backbone:
+    """The generator a weights file holds, whichever it is (a file names its model)."""
+    from dubber.checkpoint import load_model
+
+    model = load_model(weights, models())
+    if not isinstance(model, Backbone) or model.name not in available():
+        raise DubberError(f"holds {model.name!r}, not a generator backbone; available: {', '.join(sorted(available()))}",
+                          Path(weights))
+    return model
+
+
 __all__ = ["Backbone", "CropSpec", "Generated", "CROP_BOX", "CROP_FACE", "CROP_LIPS", "CONDITION_CLOSED_MOUTH",
-           "CONDITION_FIRST_FACE", "CONDITION_NONE", "register", "models", "available", "load", "load_backbone",
-           "weights_path", "WEIGHTS_DIR"]
+           "CONDITION_FIRST_FACE", "CONDITION_NONE", "register", "models", "available", "load", "load_backbone", "load_backbone_file",
+           "weights_path", "in_weights_dir", "WEIGHTS_DIR"]

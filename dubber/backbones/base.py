@@ -12,7 +12,9 @@ A backbone turns windows of aligned face crops plus their audio into new crops. 
   the frame being generated: its mouth speaks the original words;
 - returns_alpha: whether its output carries an α mask (already applied to the images);
 - returns_points: whether it returns mouth shapes instead of images (a two-stage backbone,
-  dubber.backbones.rewrite): the pipeline renders them from the video's own mouths (dubber.mouthbank).
+  dubber.backbones.rewrite): the pipeline renders them from the video's own mouths (dubber.mouthbank);
+  they are a deviation from the person's mean mouth, about each frame's centroid (points_centred)
+  or where the lips are in the crop.
 
 forward(faces [B, T, 3, S, S], mels [B, T, 1, 80, W], identity [B, 3, S, S] or None, state)
 -> Generated(images [B, T, 3, S, S], alpha [B, T, 1, S, S] or None, state). Images RGB in [0, 1];
@@ -57,6 +59,7 @@ class Backbone(SelfDescribing):
     conditioning: ClassVar[str] = CONDITION_CLOSED_MOUTH
     returns_alpha: ClassVar[bool] = False
     returns_points: ClassVar[bool] = False
+    points_centred: bool = True
     needs_weights: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):

@@ -1,21 +1,26 @@
 """Rewrite: a two-stage backbone -- audio to mouth shape, then the person's own real mouths.
 
-Stage 1 (this network) hears 0.5 s of speech round each frame and predicts the shape of the mouth
-at that frame: its 20 landmarks (dlib 48-67), each frame's points about their own centroid, as a
-deviation from the person's mean shape, in pixels of its crop (a 256 px box). Shapes are
+Stage 1 (this network) hears 0.5 s of speech round each frame and predicts the mouth at that
+frame: its 20 landmarks (dlib 48-67) as a deviation from the person's mean mouth, in pixels of its
+crop (a 256 px box aligned on eyes and nose), where the lips are in the crop -- the lower lip and
+the mouth's centre drop as the jaw opens, which is most of what a still mouth gets wrong (on the
+val_select clips, the exact centroid with a still shape is 1.91 px from the real points, the exact
+shape with a still centroid 2.42, a still mouth 3.01). With centred=True it predicts each frame's
+points about their centroid instead (the shape alone: the ablation, weights/README.md). Shapes are
 identity-free enough to learn from every frame of every clip (IP_LAP, Zhong et al. 2023, learns
 its landmarks the same way); pixels are not, on ~85 identities.
 
 Stage 2 is not learnt: dubber.mouthbank retrieves, among the video's own frames, the real lower
 face whose mouth shape is closest to the predicted one (staying on consecutive real frames where
-it can) and the pipeline pastes it as it pastes any crop. The crop is 256 px, near the size of a
-face in 720p/1080p video, so the pasted mouth is hardly resampled: real mouths keep their
-sharpness, teeth and lipstick (the network never sees pixels, so the size costs it nothing). The
-video must show a range of mouth shapes, so this backbone dubs videos, not photos (Video Rewrite,
-Bregler et al. 1997; "Synthesizing Obama", Suwajanakorn et al. 2017).
+it can), warps its mouth onto the predicted points (dubber.face.morph) and the pipeline pastes it
+as it pastes any crop. The crop is 256 px, near the size of a face in 720p/1080p video, so the
+pasted mouth is hardly resampled: real mouths keep their sharpness, teeth and lipstick (the
+network never sees pixels, so the size costs it nothing). The video must show a range of mouth
+shapes, so this backbone dubs videos, not photos (Video Rewrite, Bregler et al. 1997;
+"Synthesizing Obama", Suwajanakorn et al. 2017).
 
 forward(faces [B, T, 3, S, S] (unused), mels [B, T, 1, 80, MOTION_MEL_WIDTH]) ->
-Generated(points=[B, T, 20, 2]): the centred-shape deviation, crop pixels.
+Generated(points=[B, T, 20, 2]): the deviation from the person's mean mouth, crop pixels.
 """
 
 from typing import Any, Optional
@@ -55,8 +60,10 @@ class Rewrite(Backbone):
     window = 16  # frames per call: the predicted shapes are smoothed along time within a call
     overlap = 8
 
-    def __init__(self, channels: int = CHANNELS, hidden: int = HIDDEN, dropout: float = 0.0, temporal: int = 0):
+    def __init__(self, channels: int = CHANNELS, hidden: int = HIDDEN, dropout: float = 0.0, temporal: int = 0,
+                 centred: bool = False):
         super().__init__()
+        self.points_centred = centred  # the shape about its centroid (False: where the lips are, too)
         self.encoder = nn.Sequential(
             _conv(N_MELS, channels, 1), _conv(channels, channels, 2), _conv(channels, channels, 2),
             _conv(channels, channels, 2), _conv(channels, channels, 1))

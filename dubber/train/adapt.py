@@ -90,14 +90,15 @@ def checkpoint_path(out_path: PathLike, source_sha256: str, base_sha256: str) ->
     return out_path.with_name(f"{out_path.stem}.{fingerprint}.train.pt")
 
 
-def check_adapt(video: PathLike, out_path: Optional[PathLike] = None, backbone: str = "dck",
+def check_adapt(video: PathLike, out_path: Optional[PathLike] = None, backbone: Optional[str] = None,
                 steps: Optional[int] = None, max_seconds: Optional[float] = None,
                 device: str = "auto", out_option: str = "-o") -> media.MediaInfo:
     """Check an adaptation request before any work: OptionError (usage) or DubberError (input).
     Returns the video's probe. out_path None: the caller picks a temporary file; out_option: the
     option that names it, in errors."""
-    from dubber.backbones import weights_path
+    from dubber.backbones import DEFAULT_VIDEO_BACKBONE, in_weights_dir, weights_path
 
+    backbone = backbone or DEFAULT_VIDEO_BACKBONE
     check.choice("--backbone", backbone, adaptable())
     if steps is not None:
         check.number("--steps", steps, low=1, what="optimiser steps")
@@ -124,10 +125,13 @@ def check_adapt(video: PathLike, out_path: Optional[PathLike] = None, backbone: 
                           info.path) from None
     if out_path is not None:
         check.output_file(out_option, out_path, [info.path, base], overwrite=True, suffixes=(".pt",))
+        if in_weights_dir(out_path):  # a person's model is theirs, never a shipped file
+            raise check.OptionError(out_option, out_path, "is in weights/, beside the shipped models: write the "
+                                    "adapted model elsewhere")
     return info
 
 
-def adapt(video: PathLike, out_path: PathLike, backbone: str = "dck", steps: Optional[int] = None,
+def adapt(video: PathLike, out_path: PathLike, backbone: Optional[str] = None, steps: Optional[int] = None,
           max_seconds: Optional[float] = None, device: str = "auto", cache_dir: Optional[PathLike] = None,
           resume: bool = True, log: Callable[[str], None] = print,
           progress: Optional[ProgressHook] = None) -> Path:
@@ -143,12 +147,13 @@ def adapt(video: PathLike, out_path: PathLike, backbone: str = "dck", steps: Opt
     """
     import torch
 
-    from dubber.backbones import weights_path
+    from dubber.backbones import DEFAULT_VIDEO_BACKBONE, weights_path
     from dubber.checkpoint import load_package, save_atomic
     from dubber.train.loop import train
     from dubber.train.recipes import recipe_for
 
     started = time.perf_counter()
+    backbone = backbone or DEFAULT_VIDEO_BACKBONE
     info = check_adapt(video, out_path, backbone, steps, max_seconds, device)
     video, out_path = info.path, Path(out_path)
     steps = steps or DEFAULT_STEPS[backbone]

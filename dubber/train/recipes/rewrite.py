@@ -1,17 +1,19 @@
-"""Recipe of the rewrite backbone's stage 1 (dubber.backbones.rewrite): audio -> mouth shape.
+"""Recipe of the rewrite backbone's stage 1 (dubber.backbones.rewrite): audio -> mouth.
 
-Each sample is one frame: the 0.5 s of audio round it (at the clip's measured lag) and the shape of
-its real mouth in the model's crop (from the cache's 128 px box transforms: box crops of any size
-are the same window, scaled) -- the 20 mouth points about their centroid, minus the
-mean of that shape over the clip's run, the person's resting average (inference subtracts the
-mean over the video being dubbed: the same quantity). Half the samples are mirrored left-right
-(points and their order; the sound is the same), and each sample's loudness is jittered. Loss: L1
-on the points, pixels. With `temporal` > 0 (the model's layers across frames) a sample is a run of
-SEQUENCE frames instead (an ablation: it overfits sooner, weights/README.md).
+Each sample is one frame: the 0.5 s of audio round it (at the clip's measured lag) and its real
+mouth in the model's crop (from the cache's 128 px box transforms: box crops of any size are the
+same window, scaled) -- the 20 mouth points where they are in the crop (with `centred`: about
+their centroid), minus their mean over the clip's run, the person's resting average (inference
+subtracts the mean over the video being dubbed: the same quantity). Half the samples are mirrored
+left-right (points and their order; the sound is the same), each sample's loudness is jittered
+and a run of mel bands and one of mel frames are hidden (SpecAugment). Loss: L1 on the points,
+pixels. With `temporal` > 0 (the model's layers across frames) a sample is a run of SEQUENCE
+frames instead (an ablation: it overfits sooner, weights/README.md).
 
-Validation, on held-out identities: `val_shape_error`, the mean point distance to the real shape
-(each sequence's mean shape removed, as LMD does) -- selected on; `val_still_error`, the same for a
-mouth that never moves (its mean shape: what a still frame scores at best); and
+Validation, on held-out identities: `val_lmd`, the mean point distance to the real points, each
+run's mean position removed, as dubber.eval's LMD does -- selected on; `val_still_lmd`, the same
+for a mouth that never moves (its mean: what a still frame scores at best); `val_shape_error` and
+`val_still_error`, the same for the shapes alone (each frame about its centroid); and
 `val_opening_corr`, Pearson r of the predicted inner-lip opening with the real one.
 """
 
@@ -34,37 +36,67 @@ WEIGHT_DECAY = 1e-4
 MIRROR_PROBABILITY = 0.5
 GAIN_JITTER = 0.5  # log-mel units (8 = 100 dB): each sample's loudness moved by up to +-6 dB
 DROPOUT = 0.3
+FREQUENCY_MASK = 16  # SpecAugment (Park et al. 2019): up to this many adjacent mel bands of a sample hidden
+TIME_MASK = 8  # ... and up to this many adjacent mel frames (of MOTION_MEL_WIDTH)
+CENTRED = False  # True: predict each frame's shape about its centroid only, not where the lips are (ablation)
 TEMPORAL = 0  # temporal layers of the model (dubber.backbones.rewrite); > 0 trains on runs of SEQUENCE frames
 SEQUENCE = 16
 VAL_BATCH = 512
 LANDMARK_CROP = CropSpec(CROP_BOX, 128)  # the clips' landmarks come in the transforms of this cached crop
 
 
-def mouth_shapes(clip: dict) -> np.ndarray:
-    """The run's mouth shapes in the model's crop: each frame's 20 points about their centroid, minus
-    the run's mean shape -> float32 [T, 20, 2] crop pixels (cached in the clip dict, with that mean
-    shape [20, 2] as clip["mouth_mean"])."""
-    if "mouth_shapes" not in clip:
+def mouth_points(clip: dict) -> np.ndarray:
+    """The run's 20 mouth points in the model's crop -> float32 [T, 20, 2] crop pixels (cached in the clip dict)."""
+    if "mouth_points" not in clip:
         scale = Rewrite.crop.size / LANDMARK_CROP.size
-        points = scale * np.stack([transform_points(lm[MOUTH], m)
-                                   for lm, m in zip(clip["landmarks"], clip["transforms"][LANDMARK_CROP.key])])
-        centred = centred_mouth(points)
-        clip["mouth_mean"] = centred.mean(0).astype(np.float32)
-        clip["mouth_shapes"] = (centred - clip["mouth_mean"]).astype(np.float32)
-    return clip["mouth_shapes"]
+        clip["mouth_points"] = (scale * np.stack([
+            transform_points(lm[MOUTH], m)
+            for lm, m in zip(clip["landmarks"], clip["transforms"][LANDMARK_CROP.key])])).astype(np.float32)
+    return clip["mouth_points"]
+
+
+def mouth_shapes(clip: dict, centred: bool = True) -> np.ndarray:
+    """The run's mouth shapes in the model's crop, minus their mean over the run -> float32 [T, 20, 2]
+    crop pixels; centred: each frame's points about their own centroid (the shape alone), else where
+    they are in the aligned crop (the lips' movement as a whole too: the jaw drops). The mean is kept
+    as clip["mouth_mean"] (centred) or clip["mouth_place"] [20, 2]."""
+    key = "mouth_shapes" if centred else "mouth_moves"
+    if key not in clip:
+        points = centred_mouth(mouth_points(clip)) if centred else mouth_points(clip)
+        mean = points.mean(0).astype(np.float32)
+        clip["mouth_mean" if centred else "mouth_place"] = mean
+        clip[key] = (points - mean).astype(np.float32)
+    return clip[key]
 
 
 def mirrored(shapes: np.ndarray) -> np.ndarray:
-    """Mouth shapes [..., 20, 2] of the mirror image: x negated (they are centred), points re-ordered."""
+    """Mouth deviations [..., 20, 2] (from a mean, or about the centroid) of the mirror image: x negated,
+    points re-ordered."""
     out = shapes[..., list(MOUTH_MIRROR), :].copy()
     out[..., 0] *= -1
     return out
 
 
+def spec_augment(mels: np.ndarray, rng: np.random.Generator, bands: int, frames: int) -> np.ndarray:
+    """Each sample of mels [N, T, 80, W] with a random run of up to `bands` mel bands and one of up to
+    `frames` mel frames set to silence (MEL_MIN), the same for the T frames of a sample: the lips must
+    be read from what remains."""
+    mels = mels.copy()
+    for i in range(len(mels)):
+        for size, axis_length, axis in ((bands, mels.shape[2], 2), (frames, mels.shape[3], 3)):
+            width = int(rng.integers(0, size + 1)) if size else 0
+            if width:
+                start = int(rng.integers(0, axis_length - width + 1))
+                index = [slice(None)] * 4
+                index[0], index[axis] = i, slice(start, start + width)
+                mels[tuple(index)] = MEL_MIN
+    return mels
+
+
 @recipe
 class RewriteRecipe(Recipe):
     model = "rewrite"
-    select_metric = "val_shape_error"
+    select_metric = "val_lmd"
     ship_half: ClassVar[bool] = False  # 1.6 MB in fp32
     validation_clips: ClassVar[int] = 200  # every val_select clip: no pixels; 0.3 s for its 67 runs
     needs_pixels: ClassVar[bool] = False  # landmarks (through the crop's transforms) and audio only
@@ -74,14 +106,17 @@ class RewriteRecipe(Recipe):
     mirror_probability: float = MIRROR_PROBABILITY
     gain_jitter: float = GAIN_JITTER
     dropout: float = DROPOUT
+    frequency_mask: int = FREQUENCY_MASK
+    time_mask: int = TIME_MASK
     temporal: int = TEMPORAL
+    centred: bool = CENTRED
     init: str = ""  # path of a rewrite file to start from (fine-tuning, dubber adapt) instead of a fresh model
 
     def crops(self) -> Sequence[CropSpec]:
         return [LANDMARK_CROP]
 
     def build(self):
-        return {"model": self.initialised(Rewrite(dropout=self.dropout, temporal=self.temporal), self.init)}
+        return {"model": self.initialised(Rewrite(dropout=self.dropout, temporal=self.temporal, centred=self.centred), self.init)}
 
     @property
     def sequence(self) -> int:
@@ -101,7 +136,7 @@ class RewriteRecipe(Recipe):
             index, frame = sampler.draw(rng)
             clip = sampler.clips[index]
             mels.append(clip["mels"][frame:frame + length])
-            shapes.append(mouth_shapes(clip)[frame:frame + length])
+            shapes.append(mouth_shapes(clip, self.centred)[frame:frame + length])
         shapes = np.stack(shapes)  # [N, T, 20, 2]
         flip = rng.random(len(shapes)) < self.mirror_probability
         shapes[flip] = mirrored(shapes[flip])
@@ -109,6 +144,8 @@ class RewriteRecipe(Recipe):
         if self.gain_jitter:  # another microphone, another level: a shift of the log-mel, clipped as audio clips it
             gain = rng.uniform(-self.gain_jitter, self.gain_jitter, (len(mels), 1, 1, 1)).astype(np.float32)
             mels = np.clip(mels + gain, MEL_MIN, MEL_MAX)
+        if self.frequency_mask or self.time_mask:
+            mels = spec_augment(mels, rng, self.frequency_mask, self.time_mask)
         mel = torch.from_numpy(distributed.shard(mels)).to(device).float()[:, :, None]
         target = torch.from_numpy(distributed.shard(shapes)).to(device)
         predicted = modules["model"](None, mel).points
@@ -120,7 +157,7 @@ class RewriteRecipe(Recipe):
 
     def validate(self, modules, clips, device) -> Dict[str, float]:
         model = modules["model"]
-        errors, stills, predicted_open, real_open = [], [], [], []
+        errors, stills, lmds, still_lmds, predicted_open, real_open = [], [], [], [], [], []
         with torch.no_grad():
             for clip in clips:
                 real = mouth_shapes(clip)
@@ -130,15 +167,23 @@ class RewriteRecipe(Recipe):
                     mel = torch.from_numpy(clip["mels"][start:start + VAL_BATCH]).to(device).float()[None, :, None]
                     out.append(model(None, mel).points[0].float().cpu().numpy())
                 pred = np.concatenate(out)
-                pred = pred - pred.mean(0)  # each sequence's mean shape removed, as LMD does
-                errors.append(np.linalg.norm(pred - real, axis=-1).mean())
+                pred = pred - pred.mean(0)  # each sequence's mean removed, as LMD does
+                shape = centred_mouth(pred)  # the shape alone (a centred model's is already)
+                errors.append(np.linalg.norm(shape - real, axis=-1).mean())
                 stills.append(np.linalg.norm(real, axis=-1).mean())
+                # as dubber.eval's LMD: the points where they are, less the run's mean position
+                points = mouth_points(clip)
+                place = points.mean(0)
+                real_points = points - points.mean((0, 1))
+                for into, guess in ((lmds, place + pred), (still_lmds, place[None])):
+                    into.append(np.linalg.norm(guess - guess.mean((0, 1)) - real_points, axis=-1).mean())
                 # openings of whole shapes (the person's mean + the deviation): a deviation's own
                 # "opening" would be its size, not how far the lips are apart
-                for shapes, into in ((pred, predicted_open), (real, real_open)):
+                for shapes, into in ((shape, predicted_open), (real, real_open)):
                     opening = inner_opening(clip["mouth_mean"] + shapes)
                     into.append(opening - opening.mean())
         p, r = np.concatenate(predicted_open), np.concatenate(real_open)
         corr = float(np.corrcoef(p, r)[0, 1]) if p.std() > 0 and r.std() > 0 else 0.0
         return {"val_shape_error": float(np.mean(errors)), "val_still_error": float(np.mean(stills)),
+                "val_lmd": float(np.mean(lmds)), "val_still_lmd": float(np.mean(still_lmds)),
                 "val_opening_corr": corr}

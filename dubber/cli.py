@@ -95,7 +95,8 @@ def lipsync(
     face: Path = typer.Argument(..., help="Photo or video of the face; a folder of them; or a CSV manifest (face,audio,output)."),
     audio: Optional[Path] = typer.Argument(None, help="Speech (any audio ffmpeg reads, or a video's audio); a folder for batches."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .mp4 (or folder for batches)."),
-    backbone: Optional[str] = typer.Option(None, help="Generator backbone (default: dck; `dubber backbones` lists them)."),
+    backbone: Optional[str] = typer.Option(None, help="Generator backbone (default: rewrite for a video, dck for a photo "
+                                                      "or a --weights file's own; `dubber backbones` lists them)."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint to use instead of the shipped weights."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     half: bool = typer.Option(False, help="fp16 inference (CUDA only; with auto on a CPU: fp32 and a note)."),
@@ -825,7 +826,7 @@ def _print_check(report) -> None:
 @app.command()
 def backbones():
     """List backbones and whether trained weights are present."""
-    from dubber.backbones import PLANNED, models, weights_path
+    from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, PLANNED, models, weights_path
 
     registry = models()
     for name in sorted(set(PLANNED) | set(registry)):
@@ -840,7 +841,9 @@ def backbones():
         weights = weights_path(name)
         state = (f"weights: {weights}" if weights.is_file() else
                  "no weights needed" if not getattr(cls, "needs_weights", True) else "no trained weights")
-        typer.echo(f"{name:10s} {state}  ({shape})")
+        default = [f"default for {kind}" for kind, chosen in (("videos", DEFAULT_VIDEO_BACKBONE),
+                                                               ("photos", DEFAULT_PHOTO_BACKBONE)) if chosen == name]
+        typer.echo(f"{name:10s} {state}  ({shape}){'; ' + ', '.join(default) if default else ''}")
 
 
 def _click_errors(*names: str):

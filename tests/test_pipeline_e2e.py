@@ -147,4 +147,5 @@ def test_python_m_dubber_help():
 def test_console_script_lists_backbones():
     code, stdout, stderr = helpers.run_cli_subprocess(["backbones"], timeout=120)
     assert code == 0, stderr
-    assert "dck" in stdout
+    lines = {line.split()[0]: line for line in stdout.splitlines()}
+    assert lines["dck"].endswith("default for photos") and lines["rewrite"].endswith("default for videos")

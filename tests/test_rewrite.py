@@ -85,11 +85,12 @@ def test_shape_targets_mirror_and_opening():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A rewrite file trained 150 steps (batch 64) on four synthetic speakers, validated on two others."""
+    """A rewrite file trained 150 steps (batch 64) on four synthetic speakers, validated on two others
+    (motion gain 1: a synthetic speaker's motion is all in the sound, nothing to make up for)."""
     out = tmp_path_factory.mktemp("rewrite") / "rewrite.pt"
     clips = [synthetic_clip(f"person{k}", 80, seed=k) for k in range(4)]
     val = [synthetic_clip(f"held{k}", 80, seed=10 + k) for k in range(2)]
-    history = train(recipe_for("rewrite", batch_size=64), clips, out, 150, val_clips=val, val_every=75,
+    history = train(recipe_for("rewrite", batch_size=64, motion_gain=1.0), clips, out, 150, val_clips=val, val_every=75,
                     log_every=10, log=lambda message: None)
     return out, history, val
 
@@ -181,3 +182,18 @@ def test_temporal_variant_trains_on_runs_of_frames(tmp_path):
     assert model.init_kwargs["temporal"] == 1 and len(model.temporal) == 1
     with torch.no_grad():
         assert model(None, torch.randn(1, 16, 1, 80, MOTION_MEL_WIDTH)).points.shape == (1, 16, MOUTH_POINTS, 2)
+
+
+def test_motion_gain_scales_the_motion_at_inference_only():
+    """Training fits the real motion; dubbing moves the mouth motion_gain times as far."""
+    torch.manual_seed(0)
+    plain, scaled = Rewrite(motion_gain=1.0), Rewrite(motion_gain=1.6)
+    scaled.load_state_dict(plain.state_dict())
+    mels = torch.randn(1, 4, 1, 80, MOTION_MEL_WIDTH)
+    with torch.no_grad():
+        assert torch.allclose(scaled.eval()(None, mels).points, 1.6 * plain.eval()(None, mels).points, atol=1e-5)
+        plain.train(), scaled.train()
+        torch.manual_seed(1)
+        a = plain(None, mels).points
+        torch.manual_seed(1)
+        assert torch.allclose(scaled(None, mels).points, a)  # same dropout draw, no gain

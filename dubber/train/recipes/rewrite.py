@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dubber.audio import MEL_MAX, MEL_MIN
-from dubber.backbones.rewrite import Rewrite
+from dubber.backbones.rewrite import MOTION_GAIN, Rewrite
 from dubber.face.align import transform_points
 from dubber.face.crops import CROP_BOX, CropSpec
 from dubber.face.landmarks import MOUTH, MOUTH_MIRROR, centred_mouth, inner_opening
@@ -110,13 +110,15 @@ class RewriteRecipe(Recipe):
     time_mask: int = TIME_MASK
     temporal: int = TEMPORAL
     centred: bool = CENTRED
+    motion_gain: float = MOTION_GAIN  # the model's scaling of its motion at inference (and validation)
     init: str = ""  # path of a rewrite file to start from (fine-tuning, dubber adapt) instead of a fresh model
 
     def crops(self) -> Sequence[CropSpec]:
         return [LANDMARK_CROP]
 
     def build(self):
-        return {"model": self.initialised(Rewrite(dropout=self.dropout, temporal=self.temporal, centred=self.centred), self.init)}
+        return {"model": self.initialised(Rewrite(dropout=self.dropout, temporal=self.temporal, centred=self.centred,
+                                                      motion_gain=self.motion_gain), self.init)}
 
     @property
     def sequence(self) -> int:

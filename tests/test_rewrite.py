@@ -197,3 +197,18 @@ def test_motion_gain_scales_the_motion_at_inference_only():
         a = plain(None, mels).points
         torch.manual_seed(1)
         assert torch.allclose(scaled(None, mels).points, a)  # same dropout draw, no gain
+
+
+def test_spec_augment_hides_one_run_of_bands_and_one_of_frames_per_sample():
+    from dubber.audio import MEL_MIN
+    from dubber.train.augment import spec_augment
+
+    mels = np.zeros((64, 2, 80, MOTION_MEL_WIDTH), np.float32)
+    out = spec_augment(mels, np.random.default_rng(0), 16, 8)
+    assert np.array_equal(mels, np.zeros_like(mels))  # the input is not changed
+    hidden = out == MEL_MIN
+    assert np.array_equal(hidden[:, 0], hidden[:, 1])  # the frames of one sample share the draw
+    bands = hidden[:, 0].all(axis=2).sum(1)  # bands hidden over every mel frame
+    frames = hidden[:, 0].all(axis=1).sum(1)
+    assert bands.max() <= 16 and frames.max() <= 8 and bands.min() == 0 and bands.mean() > 4
+    assert np.array_equal(spec_augment(mels, np.random.default_rng(0), 0, 0), mels)

@@ -1,4 +1,5 @@
-"""Training augmentation shared by every recipe: horizontal flips and colour jitter.
+"""Training augmentation shared by every recipe: horizontal flips and colour jitter of images,
+SpecAugment of log-mel windows.
 
 Everything one sample is made of (target, reference, mouth donor, the frames of a window) gets the
 same flip and jitter, so the target stays reachable from the inputs and motion between frames is
@@ -11,6 +12,8 @@ from typing import Tuple
 
 import numpy as np
 import torch
+
+from dubber import audio
 
 FLIP_PROBABILITY = 0.5
 
@@ -45,3 +48,19 @@ def to_float(images: np.ndarray, device) -> torch.Tensor:
     """uint8 RGB [..., H, W, 3] -> float [..., 3, H, W] in [0, 1] on device."""
     tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     return tensor.movedim(-1, -3).float().div_(255)
+
+
+def spec_augment(mels: np.ndarray, rng: np.random.Generator, bands: int, frames: int) -> np.ndarray:
+    """Each sample of mels [N, T, 80, W] with a random run of up to `bands` mel bands and one of up to
+    `frames` mel frames set to silence (audio.MEL_MIN), the same for the T frames of a sample: the lips must
+    be read from what remains."""
+    mels = mels.copy()
+    for i in range(len(mels)):
+        for size, axis_length, axis in ((bands, mels.shape[2], 2), (frames, mels.shape[3], 3)):
+            width = int(rng.integers(0, size + 1)) if size else 0
+            if width:
+                start = int(rng.integers(0, axis_length - width + 1))
+                index = [slice(None)] * 4
+                index[0], index[axis] = i, slice(start, start + width)
+                mels[tuple(index)] = audio.MEL_MIN
+    return mels

@@ -28,6 +28,7 @@ from dubber.face.align import transform_points
 from dubber.face.crops import CROP_BOX, CropSpec
 from dubber.face.landmarks import MOUTH, MOUTH_MIRROR, centred_mouth, inner_opening
 from dubber.train import distributed
+from dubber.train.augment import spec_augment
 from dubber.train.recipes import Recipe, recipe
 
 BATCH_SIZE = 256
@@ -75,22 +76,6 @@ def mirrored(shapes: np.ndarray) -> np.ndarray:
     out = shapes[..., list(MOUTH_MIRROR), :].copy()
     out[..., 0] *= -1
     return out
-
-
-def spec_augment(mels: np.ndarray, rng: np.random.Generator, bands: int, frames: int) -> np.ndarray:
-    """Each sample of mels [N, T, 80, W] with a random run of up to `bands` mel bands and one of up to
-    `frames` mel frames set to silence (MEL_MIN), the same for the T frames of a sample: the lips must
-    be read from what remains."""
-    mels = mels.copy()
-    for i in range(len(mels)):
-        for size, axis_length, axis in ((bands, mels.shape[2], 2), (frames, mels.shape[3], 3)):
-            width = int(rng.integers(0, size + 1)) if size else 0
-            if width:
-                start = int(rng.integers(0, axis_length - width + 1))
-                index = [slice(None)] * 4
-                index[0], index[axis] = i, slice(start, start + width)
-                mels[tuple(index)] = MEL_MIN
-    return mels
 
 
 @recipe

@@ -5,7 +5,7 @@ shape is rarely that shape (a short video holds few mouths, and retrieval by nea
 snaps every prediction to one of them). Warping the retrieved mouth so its 20 landmarks land on
 the predicted ones keeps its real texture and gives it the predicted shape (IP_LAP, Zhong et al.
 2023, warps its references the same way). A ring of fixed anchors round the mouth keeps the warp
-local: cheeks, nose and chin do not move.
+local: beyond it the spline's remainder fades out, and the rest of the face does not move.
 """
 
 import numpy as np
@@ -37,7 +37,7 @@ def mouth_anchors(mouth: np.ndarray) -> np.ndarray:
 
 def morph_mouth(image: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """`image` with its mouth, landmarks `source` [20, 2], moved onto `target` [20, 2] (pixels):
-    uint8 [S, S, C] -> uint8 [S, S, C]. Only the inside of the anchor ring changes."""
+    uint8 [S, S, C] -> uint8 [S, S, C]. Nothing beyond FADE_REACH ring radii changes."""
     import cv2
 
     anchors = mouth_anchors(source)

@@ -59,13 +59,14 @@ def mouth_points(clip: dict) -> np.ndarray:
 def mouth_shapes(clip: dict, centred: bool = True) -> np.ndarray:
     """The run's mouth shapes in the model's crop, minus their mean over the run -> float32 [T, 20, 2]
     crop pixels; centred: each frame's points about their own centroid (the shape alone), else where
-    they are in the aligned crop (the lips' movement as a whole too: the jaw drops). The mean is kept
-    as clip["mouth_mean"] (centred) or clip["mouth_place"] [20, 2]."""
+    they are in the aligned crop (the lips' movement as a whole too: the jaw drops). The centred
+    mean, the person's average shape [20, 2], is kept as clip["mouth_mean"]."""
     key = "mouth_shapes" if centred else "mouth_moves"
     if key not in clip:
         points = centred_mouth(mouth_points(clip)) if centred else mouth_points(clip)
         mean = points.mean(0).astype(np.float32)
-        clip["mouth_mean" if centred else "mouth_place"] = mean
+        if centred:
+            clip["mouth_mean"] = mean
         clip[key] = (points - mean).astype(np.float32)
     return clip[key]
 

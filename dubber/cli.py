@@ -22,6 +22,7 @@ from dubber import options as check
 from dubber.errors import DubberError
 from dubber.apply import BATCH_FRAMES
 from dubber.media import VIDEO_CRF, VIDEO_PRESET
+from dubber.train.adapt import DEFAULT_BACKBONE as ADAPT_BACKBONE
 from dubber.train.adapt import DEFAULT_MINUTES as ADAPT_MINUTES
 from dubber.train.adapt import DEFAULT_STEPS
 
@@ -226,11 +227,10 @@ def _adapted(adapt: bool, face: Path, audio: Optional[Path], output: Path, optio
     import tempfile
 
     from dubber import media
-    from dubber.backbones import DEFAULT_VIDEO_BACKBONE
     from dubber.train.adapt import adapt as run_adapt
     from dubber.train.adapt import check_adapt
 
-    backbone = options.backbone or DEFAULT_VIDEO_BACKBONE
+    backbone = options.backbone or ADAPT_BACKBONE
     max_seconds = minutes * 60 if minutes is not None else None
     inputs = [media.check_input(face)] + ([media.check_input(audio)] if audio is not None else [])
     check.output_file("-o", output, inputs, options.overwrite)  # the dub is checked before the adaptation
@@ -581,8 +581,7 @@ def adapt(
     video: Path = typer.Argument(..., help="Video of the person to dub, with their own speech."),
     output: Path = typer.Option(..., "-o", "--output", help="Model file to write, .pt (a rerun continues from the "
                                                              "checkpoint beside it)."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone whose shipped weights are adapted (default: the one "
-                                                      "lipsync uses for a video, rewrite)."),
+    backbone: str = typer.Option(ADAPT_BACKBONE, help="Backbone whose shipped weights are adapted."),
     steps: Optional[int] = typer.Option(None, help="Total optimiser steps (default: the backbone's: "
                                                    f"{_STEPS_NOTE}; a rerun continues to this count)."),
     minutes: Optional[float] = typer.Option(None, help=f"Stop after this many minutes in all, preprocessing "

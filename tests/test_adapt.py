@@ -142,7 +142,7 @@ def test_lipsync_adapt_then_dub_in_one_run(face_video, speech_1s, tmp_path):
     (["adapt", "{video}", "-o", "{tmp}"], 2, ["is a folder"]),
     (["adapt", "{video}", "-o", "{tmp}/p.mp4"], 2, ["must end in .pt"]),
     (["adapt", "{video}", "-o", "{base}", "--backbone", "dck"], 2, ["is an input"]),
-    (["adapt", "{video}", "-o", "{base}"], 2, ["dck.pt", "is in weights/"]),  # never over a shipped file
+    (["adapt", "{video}", "-o", "{shipped}"], 2, ["rewrite.pt", "is in weights/"]),  # never over a shipped file
     (["adapt", "{video}", "-o", "{tmp}/p.pt", "--minutes", "0"], 2, ["--minutes 0", "greater than 0"]),
     (["adapt", "{video}", "-o", "{tmp}/p.pt", "--backbone", "toy_frame"], 2, ["--backbone toy_frame", "dck"]),
     (["adapt", "{photo}", "-o", "{tmp}/p.pt"], 1, ["is a photo"]),
@@ -167,7 +167,8 @@ def test_lipsync_adapt_then_dub_in_one_run(face_video, speech_1s, tmp_path):
 ])
 def test_refusals(args, code, words, face_video, face_video_silent, face_still, speech_1s, bad_videos, tmp_path):
     values = {"video": face_video, "silent": face_video_silent, "photo": face_still, "speech": speech_1s,
-              "tmp": tmp_path, "base": weights_path("dck"), "expert": weights_path("syncnet"), **bad_videos}
+              "tmp": tmp_path, "base": weights_path("dck"), "shipped": weights_path("rewrite"),
+              "expert": weights_path("syncnet"), **bad_videos}
     got, stdout, stderr = helpers.run_cli([a.format(**values) for a in args])
     assert got == code, stderr
     line = stderr.strip()

@@ -23,7 +23,8 @@ from dubber import options as check
 from dubber.analysis import (ANALYSIS_WORKERS, Analysis, FaceChoice, ProgressHook, analyse, analyse_stored,
                              progress_step)
 from dubber.apply import BATCH_FRAMES, Generator, Step, apply_backbone
-from dubber.backbones import DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone, load_backbone_file
+from dubber.backbones import (DEFAULT_PHOTO_BACKBONE, DEFAULT_VIDEO_BACKBONE, Backbone, load_backbone,
+                              load_backbone_file, models)
 from dubber.cache import load_cache
 from dubber.blend import BLEND_MODES, Paster, lower_face_mask
 from dubber.conditioning import identity_frame
@@ -251,18 +252,17 @@ def resolve_backbone(options: LipsyncOptions, info: media.MediaInfo, notes: Opti
         return load_backbone_file(options.weights)
     if info.is_image:
         return load_backbone(DEFAULT_PHOTO_BACKBONE)
-    default = load_backbone(DEFAULT_VIDEO_BACKBONE)
-    if default.returns_points and options.mouth_bank_source is None:
+    if models()[DEFAULT_VIDEO_BACKBONE].returns_points and options.mouth_bank_source is None:
         from dubber.mouthbank import MIN_ENTRIES
 
         _, count = _segment(info, options)
         seconds = info.duration - options.start if count is None else count / info.fps
-        if info.duration and seconds * info.fps < MIN_ENTRIES:
+        if info.duration and seconds * info.fps < MIN_ENTRIES:  # decided before any weights are loaded
             if notes is not None:
-                notes.append(f"{info.path.name} shows {seconds:.2f} s, too little for {default.name}'s bank of the "
-                             f"person's own mouths ({MIN_ENTRIES} frames): dubbed with {DEFAULT_PHOTO_BACKBONE}")
+                notes.append(f"{info.path.name} shows {seconds:.2f} s, too little for {DEFAULT_VIDEO_BACKBONE}'s bank "
+                             f"of the person's own mouths ({MIN_ENTRIES} frames): dubbed with {DEFAULT_PHOTO_BACKBONE}")
             return load_backbone(DEFAULT_PHOTO_BACKBONE)
-    return default
+    return load_backbone(DEFAULT_VIDEO_BACKBONE)
 
 
 def blend_mode(options: LipsyncOptions, backbone: Backbone) -> str:

@@ -171,7 +171,7 @@ def adapt(video: PathLike, out_path: PathLike, backbone: str = DEFAULT_BACKBONE,
         item = {"path": _first_part(info, Path(work), log), "identity": video.stem, "lag": 0, "video": video}
         log(f"preprocessing {video.name} ({min(info.duration, MAX_VIDEO_SECONDS):.1f} s): face tracking and crops")
         item["lag"] = _measured_lag(item, cache_dir, specs, progress, log)
-        clips = _clips(item, cache_dir, specs, progress, recipe.mel_width())
+        clips = _clips(item, cache_dir, specs, progress, recipe.mel_width(), recipe.needs_pixels)
         frames = sum(len(clip["mels"]) for clip in clips)
         training_seconds = max(max_seconds - (time.perf_counter() - started), 1e-3)
         log(f"adapting {backbone} to {video.name}: {frames} frames with a face in {len(clips)} runs; "
@@ -228,9 +228,9 @@ def _measured_lag(item: dict, cache_dir: Path, specs, progress: Optional[Progres
 
 
 def _clips(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook],
-           mel_width: int = MEL_WINDOW) -> List[dict]:
+           mel_width: int = MEL_WINDOW, pixels: bool = True) -> List[dict]:
     """The clip dicts of one video (dubber.data; mel windows of mel_width frames, by default the
-    sync expert's), its cache built first; DubberError naming the
+    sync expert's; without `pixels`, crop transforms only), its cache built first; DubberError naming the
     video when it cannot be preprocessed (no face, no readable frame), its audio is silent or no
     run of consecutive frames with a face is long enough, or it has under MIN_SPEECH_SECONDS of
     speech with a visible face."""
@@ -248,7 +248,7 @@ def _clips(item: dict, cache_dir: Path, specs, progress: Optional[ProgressHook],
     if not bool(load_cache(built[0], ["has_audio"])["has_audio"]):
         raise DubberError("its audio is silent: adaptation learns the mouth from the video's own speech", named)
     try:
-        clips = data.load_clips([item], cache_dir, specs, mel_width)
+        clips = data.load_clips([item], cache_dir, specs, mel_width, pixels=pixels)
     except DubberError:
         raise DubberError(f"no run of {data.MIN_RUN} consecutive frames with a face: nothing to adapt on",
                           named) from None

@@ -24,6 +24,7 @@ import torch
 
 from dubber.audio import MEL_MAX, MEL_MIN
 from dubber.backbones.rewrite import MOTION_GAIN, Rewrite
+from dubber.eval import metrics
 from dubber.face.align import transform_points
 from dubber.face.crops import CROP_BOX, CropSpec
 from dubber.face.landmarks import MOUTH, MOUTH_MIRROR, centred_mouth, inner_opening
@@ -159,12 +160,11 @@ class RewriteRecipe(Recipe):
                 shape = centred_mouth(pred)  # the shape alone (a centred model's is already)
                 errors.append(np.linalg.norm(shape - real, axis=-1).mean())
                 stills.append(np.linalg.norm(real, axis=-1).mean())
-                # as dubber.eval's LMD: the points where they are, less the run's mean position
+                # dubber.eval's LMD: the points where they are, each run's mean position removed
                 points = mouth_points(clip)
                 place = points.mean(0)
-                real_points = points - points.mean((0, 1))
-                for into, guess in ((lmds, place + pred), (still_lmds, place[None])):
-                    into.append(np.linalg.norm(guess - guess.mean((0, 1)) - real_points, axis=-1).mean())
+                lmds.append(metrics.mouth_landmark_distance(place + pred, points))
+                still_lmds.append(metrics.mouth_landmark_distance(np.broadcast_to(place, points.shape), points))
                 # openings of whole shapes (the person's mean + the deviation): a deviation's own
                 # "opening" would be its size, not how far the lips are apart
                 for shapes, into in ((shape, predicted_open), (real, real_open)):

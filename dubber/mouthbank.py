@@ -33,7 +33,7 @@ from dubber.analysis import ProgressHook
 from dubber.blend import MASK_FEATHER, hull_mask, match_seam
 from dubber.face.align import crop_transforms, transform_points, warp_crop
 from dubber.face.crops import CropSpec
-from dubber.face.landmarks import MOUTH, centred_mouth, predict_landmarks
+from dubber.face.landmarks import MOUTH, centred_mouth, mouth_width, predict_landmarks
 from dubber.face.morph import morph_mouth
 from dubber.face.track import FaceTrack
 
@@ -149,7 +149,7 @@ class MouthBank:
         import cv2
 
         target = mouth_shape(generated, box)
-        width = float(np.linalg.norm(target[6] - target[0]))  # corners 48 and 54
+        width = mouth_width(target)
         if not np.isfinite(target).all() or width < MIN_MOUTH_WIDTH:
             self.reset()
             return generated

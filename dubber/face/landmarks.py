@@ -40,6 +40,11 @@ def centred_mouth(mouth: np.ndarray) -> np.ndarray:
     return mouth - mouth.mean(-2, keepdims=True)
 
 
+def mouth_width(mouth: np.ndarray) -> float:
+    """Corner-to-corner width (dlib 48 to 54) of mouth points [20, 2], in the points' units."""
+    return float(np.linalg.norm(mouth[6] - mouth[0]))
+
+
 def inner_opening(mouth: np.ndarray) -> np.ndarray:
     """Inner-lip opening of mouth points [..., 20, 2] (dlib 48-67): the mean distance of the facing
     inner-lip pairs, in the points' units -> [...]."""

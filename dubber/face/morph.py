@@ -10,6 +10,8 @@ local: beyond it the spline's remainder fades out, and the rest of the face does
 
 import numpy as np
 
+from dubber.face.landmarks import mouth_width
+
 ANCHOR_RING = 12  # fixed points on an ellipse round the mouth
 ANCHOR_REACH = (1.0, 0.9)  # the ring's semi-axes, in mouth widths (x, y), from the mouth's centre
 REGULARISATION = 1e-3  # thin-plate smoothing: landmarks a pixel apart must not fold the warp
@@ -24,8 +26,7 @@ def _kernel(distance_sq: np.ndarray) -> np.ndarray:
 
 def _ring(mouth: np.ndarray):
     """Centre [2] and semi-axes [2] (pixels) of the anchor ellipse round mouth points [20, 2] (dlib 48-67)."""
-    width = float(np.linalg.norm(mouth[6] - mouth[0]))  # corners 48 and 54
-    return mouth.mean(0), width * np.array(ANCHOR_REACH)
+    return mouth.mean(0), mouth_width(mouth) * np.array(ANCHOR_REACH)
 
 
 def mouth_anchors(mouth: np.ndarray) -> np.ndarray:

@@ -142,8 +142,10 @@ def lipsync(
                                                              f"(default {ADAPT_MINUTES:g})."),
     adapt_out: Optional[Path] = typer.Option(None, help="Keep the --adapt model in this .pt file (default: a "
                                                         "temporary file; a rerun continues from its checkpoint)."),
-    mouth_bank: bool = typer.Option(False, "--mouth-bank", help="Replace the generated lips with the closest real "
-                                                                "ones of the FACE video (its own mouths, by shape)."),
+    mouth_bank: Optional[bool] = typer.Option(None, "--mouth-bank/--no-mouth-bank", help="Replace the generated "
+                                              "lips with the closest real ones of FACE (a video's own mouths, by "
+                                              "shape; a photo's one mouth, warped). Default: on for a photo, off "
+                                              "for a video."),
     mouth_bank_source: Optional[Path] = typer.Option(None, help="Take the --mouth-bank's mouths from this video of "
                                                                 "the person instead (implies --mouth-bank)."),
 ):

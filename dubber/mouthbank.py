@@ -202,7 +202,7 @@ def build_bank(info: media.MediaInfo, track: FaceTrack, spec: CropSpec, first: i
     from dubber.errors import DubberError
 
     valid = np.flatnonzero(track.valid)
-    if len(valid) < MIN_ENTRIES:
+    if len(valid) < (1 if info.is_image else MIN_ENTRIES):  # a photo: its one mouth (pipeline.PHOTO_LIPS)
         raise DubberError(f"a mouth bank needs at least {MIN_ENTRIES} frames with a face; found {len(valid)} "
                           "(a backbone that draws mouths, --backbone dck, needs none)", info.path)
     keep = valid[np.unique(np.linspace(0, len(valid) - 1, min(len(valid), max_entries)).round().astype(int))]

@@ -129,9 +129,33 @@ def test_lipsync_mouth_bank_refusals(extra, words, face_video, face_still, speec
     assert list(tmp_path.iterdir()) == []
 
 
-def test_lipsync_photo_with_its_own_mouth_bank_is_refused(face_still, speech_1s, tmp_path):
-    code, _, stderr = helpers.run_cli(["lipsync", face_still, speech_1s, "-o", tmp_path / "o.mp4", "--mouth-bank"])
-    assert code == 2 and "--mouth-bank" in stderr and "--mouth-bank-source" in stderr, stderr
+def test_a_photo_dubs_with_its_own_lips_unless_told_not_to(face_still, speech_1s, tmp_path):
+    """A photo's one mouth is its bank by default (pipeline.PHOTO_LIPS): its lips, warped onto the
+    generated ones, replace the generated texture; --no-mouth-bank leaves the generated lips."""
+    outs = {}
+    for name, extra in (("default", []), ("bank", ["--mouth-bank"]), ("none", ["--no-mouth-bank"])):
+        outs[name] = tmp_path / f"{name}.mp4"
+        code, _, stderr = helpers.run_cli(["lipsync", face_still, speech_1s, "-o", outs[name], "--backbone", "dck",
+                                           "--device", "cpu", "-q", *extra])
+        assert code == 0, stderr
+    default, bank, none = (helpers.decode_frames(outs[n]) for n in ("default", "bank", "none"))
+    assert all(np.array_equal(a, b) for a, b in zip(default, bank))
+    assert any(not np.array_equal(a, b) for a, b in zip(default, none))
+
+
+def test_a_photo_bank_holds_its_one_mouth(face_still):
+    info = media.probe(face_still)
+    track = analyse(face_still).track
+    bank = build_bank(info, track, SPEC)
+    assert len(bank) == 1 and bank.crops.shape == (1, SPEC.size, SPEC.size, 3)
+    assert np.isfinite(bank.points).all() and bank.points.std() > 1
+
+
+def test_rewrite_on_a_photo_is_still_refused(face_still, speech_1s, tmp_path):
+    """Rewrite's shapes need a video's mouths to render from (one photo mouth barely moves)."""
+    code, _, stderr = helpers.run_cli(["lipsync", face_still, speech_1s, "-o", tmp_path / "o.mp4",
+                                       "--backbone", "rewrite"])
+    assert code == 2 and "--backbone" in stderr and "photo" in stderr, stderr
 
 
 def test_eval_refuses_a_bank_of_the_clip_it_scores(face_video, tmp_path):

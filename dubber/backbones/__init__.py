@@ -21,13 +21,15 @@ WEIGHTS_DIR = Path(os.environ.get("DUBBER_WEIGHTS", Path(__file__).resolve().par
 BUILTIN = {
     "dck": "dubber.backbones.dck",
     "glance": "dubber.backbones.glance",
+    "mia": "dubber.backbones.mia",  # the generator fed back its previous frame; trained with MIA's estimator
+    "amie": "dubber.backbones.mia",  # ... the same generator, trained with AMIE's refinements
     "rewrite": "dubber.backbones.rewrite",  # two-stage: audio -> mouth shape -> the video's own mouths
     "syncnet": "dubber.backbones.syncnet",  # the lip-sync expert: eval's judge, a training loss
     "toy_frame": "dubber.backbones.toy",  # reference backbones for the contract, see toy.py
     "toy_clip": "dubber.backbones.toy",
 }
 # Named by the project but not implemented yet: the error can say so.
-PLANNED = ("mia", "amie", "cran")
+PLANNED = ("cran",)
 DEFAULT_VIDEO_BACKBONE = "rewrite"  # the two-stage backbone: the person's own mouths, moved to the speech (weights/README.md)
 DEFAULT_PHOTO_BACKBONE = "dck"
 
@@ -77,7 +79,7 @@ def load(name: str, weights: Optional[Union[str, Path]] = None):
     if not path.is_file():
         raise DubberError(f"no trained weights for {name!r} (train with `dubber train --backbone {name}`)", path)
     model = load_model(path, registry)
-    if not isinstance(model, cls):
+    if not isinstance(model, cls) or model.name != name:  # amie's generator is mia's class: the name decides
         raise DubberError(f"weights hold model {model.name!r}, not {name!r}", path)
     return model
 

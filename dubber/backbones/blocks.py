@@ -1,17 +1,18 @@
 """Layers shared by the backbones: conv-norm-act, residual blocks, the dynamic 1x1 convolution
-(DCK, Ye et al.) and an audio encoder over mel windows.
+(DCK, Ye et al.), an audio encoder over mel windows and MIA's MFCC encoder.
 
 Shapes follow PyTorch: images [B, C, H, W]; mel windows [B, 1, 80, W] (80 mel bands, W mel frames
 at 80 frames per second, see dubber.audio).
 """
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dubber.audio import N_MELS
+from dubber.audio import MEL_WINDOW, N_MELS
 
 LEAKY_SLOPE = 0.2  # LeakyReLU slope everywhere; the DCK paper's Lemma 1 covers Leaky ReLU
 
@@ -19,6 +20,8 @@ LEAKY_SLOPE = 0.2  # LeakyReLU slope everywhere; the DCK paper's Lemma 1 covers 
 AUDIO_WIDTHS = (16, 32, 64, 128)
 AUDIO_STRIDES = ((1, 1), (3, 1), (3, 3), (3, 2))
 AUDIO_EMBED_DIM = 256
+MFCC_COEFFICIENTS = 13  # MIA's 20 x 13 MFCC input; here the mel window's frames x 13
+MFCC_CNN_WIDTHS = ((32, 64, 64), (32, 64, 64, 64))  # MIA's 3-layer and 4-layer CNNs
 
 # Dynamic 1x1 conv: the kernel generator's last layer starts scaled down so that at
 # initialisation the audio-dependent part of the kernel is about as large as the static part
@@ -179,3 +182,38 @@ class UpConv3d(nn.Sequential):
             nn.BatchNorm3d(out_channels),
             nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
         )
+
+
+def dct_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """Orthonormal DCT-II [n_out, n_in]: MFCC = this @ log-mel (along the mel bands)."""
+    k = torch.arange(n_out, dtype=torch.float64)[:, None]
+    n = torch.arange(n_in, dtype=torch.float64)[None]
+    basis = torch.cos(math.pi / n_in * (n + 0.5) * k) * math.sqrt(2.0 / n_in)
+    basis[0] /= math.sqrt(2.0)
+    return basis.float()
+
+
+class MFCCEncoder(nn.Module):
+    """Log-mel windows [N, 1, 80, W] -> MFCC [N, 1, 13, W] -> two parallel CNNs (their outputs
+    flattened and concatenated) -> a linear classifier -> [N, out_dim] (MIA/AMIE's audio encoder)."""
+
+    def __init__(self, widths: Sequence[Sequence[int]] = MFCC_CNN_WIDTHS, out_dim: int = AUDIO_EMBED_DIM,
+                 coefficients: int = MFCC_COEFFICIENTS, mel_width: int = MEL_WINDOW):
+        super().__init__()
+        self.register_buffer("dct", dct_matrix(coefficients, N_MELS), persistent=False)
+        self.branches = nn.ModuleList()
+        flat = 0
+        for branch in widths:
+            layers, channels, shape = [], 1, [coefficients, mel_width]
+            for index, width in enumerate(branch):
+                stride = 2 if index in (1, 2) else 1  # two halvings per branch; the branches differ in depth
+                layers.append(ConvNormAct(channels, width, 3, stride=stride))
+                channels = width
+                shape = [-(-s // stride) for s in shape]
+            self.branches.append(nn.Sequential(*layers))
+            flat += channels * shape[0] * shape[1]
+        self.classifier = nn.Linear(flat, out_dim)
+
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        mfcc = torch.einsum("km,nmw->nkw", self.dct, mels[:, 0].float())[:, None]
+        return self.classifier(torch.cat([branch(mfcc).flatten(1) for branch in self.branches], 1))

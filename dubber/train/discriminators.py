@@ -1,5 +1,5 @@
-"""Critics used only in training (never shipped): the LSGAN patch discriminator (DCK) and Glance's
-three-stream discriminator."""
+"""Critics used only in training (never shipped): the LSGAN patch discriminator (DCK), Glance's
+three-stream discriminator and MIA/AMIE's critics of (frame, audio) pairs."""
 
 from typing import Optional
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dubber.audio import N_MELS
-from dubber.backbones.blocks import LEAKY_SLOPE
+from dubber.backbones.blocks import LEAKY_SLOPE, MFCCEncoder
 
 PATCH_WIDTHS = (32, 64, 128, 256)
 
@@ -86,3 +86,33 @@ class ThreeStreamDiscriminator(nn.Module):
                 raise ValueError("the three-stream discriminator needs the clip's flow")
             streams.append(self.flow(flow))
         return self.head(torch.cat(streams, dim=1)).view(batch)
+
+
+# MIA/AMIE's frame discriminator and mutual-information network: both score (frame, audio) pairs.
+PAIR_WIDTHS = (32, 64, 128, 128)  # stride-2 convolutions over the frame (128 px -> 8 px), then pooled to PAIR_GRID
+PAIR_GRID = 4
+PAIR_AUDIO_WIDTHS = ((16, 32, 32), (16, 32, 32, 32))  # the audio's two parallel CNNs (as the generator's, narrower)
+PAIR_HIDDEN = 256
+
+
+class PairCritic(nn.Module):
+    """(frames [N, 3, S, S] in [0, 1], mels [N, 1, 80, W]) -> scores [N] (unnormalised). MIA/AMIE use
+    it twice: as the frame discriminator (real frame with its own audio, or not?) and as the
+    mutual-information network T(frame, audio)."""
+
+    def __init__(self, widths=PAIR_WIDTHS, audio_widths=PAIR_AUDIO_WIDTHS, hidden: int = PAIR_HIDDEN):
+        super().__init__()
+        layers, channels = [], 3
+        for index, width in enumerate(widths):
+            layers.append(nn.Conv2d(channels, width, 4, 2, 1))
+            if index:
+                layers.append(nn.InstanceNorm2d(width, affine=True))
+            layers.append(nn.LeakyReLU(LEAKY_SLOPE, inplace=True))
+            channels = width
+        self.frame = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(PAIR_GRID), nn.Flatten())
+        self.audio = MFCCEncoder([list(w) for w in audio_widths], hidden)
+        self.head = nn.Sequential(nn.Linear(channels * PAIR_GRID ** 2 + hidden, hidden),
+                                  nn.LeakyReLU(LEAKY_SLOPE, inplace=True), nn.Linear(hidden, 1))
+
+    def forward(self, frames: torch.Tensor, mels: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.frame(frames * 2 - 1), self.audio(mels)], 1))[:, 0]

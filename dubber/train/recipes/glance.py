@@ -16,7 +16,7 @@ so the answer is never the input; at inference one closed-mouth frame per video)
   as in the paper, and train with the generator.
 - l_pix: mean absolute error to the real clip.
 - l_perc: squared error between the features of real and generated frames under the encoder of a
-  lip autoencoder (LipAutoencoder: convolutions and six residual blocks, as in the paper's 4.1)
+  lip autoencoder (dubber.train.perceptual.Autoencoder: convolutions and six residual blocks, as in the paper's 4.1)
   trained here on real lip frames. The paper trains it first and then freezes it; here it trains
   on the real frames of the first ae_steps steps (alongside the generator, which uses no
   perceptual loss meanwhile) and is frozen after, so one `dubber train` run does both.
@@ -37,13 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dubber.backbones.blocks import LEAKY_SLOPE, ConvNormAct, ResidualBlock, UpConv
+from dubber.backbones.blocks import LEAKY_SLOPE
 from dubber.backbones.glance import AUDIO_CHANNELS, SIZE, WINDOW, Glance
 from dubber.face.crops import CROP_LIPS, CropSpec
 from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
 from dubber.train.discriminators import ThreeStreamDiscriminator
 from dubber.train.flow import clip_flow
+from dubber.train.perceptual import Autoencoder
 from dubber.train.recipes import Recipe, recipe
 from dubber.train.validate import generator_figures
 
@@ -64,8 +65,6 @@ EPSILON = 1e-8  # added to the cosine's denominator (paper, Sec. 3.2)
 # correlation to give: only frame-to-frame variation that agrees between sound and motion counts.
 CORR_CENTRED = True
 CORR_WIDTH = 32  # channels of phi_s and phi_v's outputs (one vector a frame step)
-AE_WIDTHS = (16, 32, 32)  # the autoencoder's stride-2 convolutions (64 -> 8 px); then AE_RESIDUALS blocks
-AE_RESIDUALS = 6  # paper, Sec. 4.1
 
 
 class CorrelationNets(nn.Module):
@@ -104,30 +103,6 @@ class CorrelationNets(nn.Module):
         audio, visual = audio.flatten(1), visual.flatten(1)
         cosine = (audio * visual).sum(1) / (audio.norm(dim=1) * visual.norm(dim=1) + EPSILON)
         return (1 - cosine).mean()
-
-
-class LipAutoencoder(nn.Module):
-    """Lip frames [N, 3, 64, 64] in [0, 1] -> reconstructions; features(x) -> [N, 32, 8, 8], the
-    perceptual loss's phi: stride-2 convolutions and AE_RESIDUALS residual blocks (paper, Sec. 4.1)."""
-
-    def __init__(self, widths: Sequence[int] = AE_WIDTHS, residuals: int = AE_RESIDUALS):
-        super().__init__()
-        layers, channels = [], 3
-        for width in widths:
-            layers.append(ConvNormAct(channels, width, 3, stride=2))
-            channels = width
-        self.encoder = nn.Sequential(*layers, *(ResidualBlock(channels) for _ in range(residuals)))
-        ups = []
-        for width in tuple(reversed(widths))[1:] + (widths[0],):
-            ups.append(UpConv(channels, width))
-            channels = width
-        self.decoder = nn.Sequential(*ups, nn.Conv2d(channels, 3, 3, padding=1), nn.Sigmoid())
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images * 2 - 1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.features(images))
 
 
 class _Generating(nn.Module):
@@ -174,7 +149,7 @@ class GlanceRecipe(Recipe):
 
     def build(self) -> Dict[str, nn.Module]:
         return {"model": self.initialised(Glance(), self.init), "corr": CorrelationNets(),
-                "disc": ThreeStreamDiscriminator(self.flow_stream), "ae": LipAutoencoder()}
+                "disc": ThreeStreamDiscriminator(self.flow_stream), "ae": Autoencoder()}
 
     def optimizers(self, modules):
         def adam(*names):
@@ -222,12 +197,7 @@ class GlanceRecipe(Recipe):
         learning = step < self.ae_steps
         ae.train(learning).requires_grad_(learning)
         if learning:
-            frames = real.flatten(0, 1)
-            ae_loss = (ae(frames) - frames).abs().mean()
-            optimizers["ae"].zero_grad(set_to_none=True)
-            ae_loss.backward()
-            optimizers["ae"].step()
-            losses["ae"] = ae_loss.item()
+            losses["ae"] = ae.train_on(real.flatten(0, 1), optimizers["ae"])
 
         generated, audio = generator(mel, identity)
         with torch.no_grad():
@@ -242,9 +212,7 @@ class GlanceRecipe(Recipe):
             loss = loss + self.corr_weight * correlation
             losses["corr"] = correlation.item()
         if not learning and self.lambda_perc:
-            with torch.no_grad():
-                target = ae.features(real.flatten(0, 1))
-            perceptual = (ae.features(generated.flatten(0, 1)) - target).pow(2).mean()
+            perceptual = ae.distance(generated.flatten(0, 1), real.flatten(0, 1))
             loss = loss + self.lambda_perc * perceptual
             losses["perc"] = perceptual.item()
         flows = self.flow_stream

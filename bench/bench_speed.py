@@ -4,6 +4,7 @@
     python bench/bench_speed.py                          # 20 s of 1280x720 25 fps, 3 runs + a stage profile
     python bench/bench_speed.py --height 1080 --fps 60 --runs 1 --no-profile
     python bench/bench_speed.py --photo                  # a 512x512 photo speaking 20 s
+    python bench/bench_speed.py --photo --no-mouth-bank  # ... with the generated lips, not the photo's own
     python bench/bench_speed.py --backbone dck           # another backbone than lipsync's default
     python bench/bench_speed.py --device cuda --half     # on a GPU
 
@@ -112,7 +113,8 @@ def cli_seconds(face: Path, speech: Path, out: Path, args, store: str = "off") -
     first dub, the face analysed)."""
     cmd = [sys.executable, "-m", "dubber", "lipsync", face, speech, "-o", out, "--overwrite", "--quiet",
            "--device", args.device, "--precision", args.precision, *(["--half"] if args.half else []),
-           *(["--backbone", args.backbone] if args.backbone else [])]
+           *(["--backbone", args.backbone] if args.backbone else []),
+           *(["--no-mouth-bank"] if args.no_mouth_bank else [])]
     env = dict(os.environ, DUBBER_CACHE_DIR=store, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     started = time.perf_counter()
     subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
@@ -224,6 +226,7 @@ def main(argv=None) -> None:
     parser.add_argument("--photo", action="store_true", help=f"a {PHOTO_SIDE}x{PHOTO_SIDE} photo of the clip's face instead")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backbone", default=None, help="as lipsync's (default: lipsync's own for the input)")
+    parser.add_argument("--no-mouth-bank", action="store_true", help="as lipsync's (a photo: the generated lips, not the photo's)")
     parser.add_argument("--half", action="store_true")
     parser.add_argument("--precision", default="auto", help="the model's arithmetic: auto, fp32 or bf16 (--precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the CLI runs (OMP_NUM_THREADS; "

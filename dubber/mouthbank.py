@@ -194,8 +194,8 @@ def build_bank(info: media.MediaInfo, track: FaceTrack, spec: CropSpec, first: i
                max_entries: int = MAX_ENTRIES, progress: Optional[ProgressHook] = None,
                shapes_from_track: bool = False) -> MouthBank:
     """Cut the real mouths of a video whose face `track` covers source frames first .. first + N:
-    at most `max_entries` frames with a face, evenly spaced, in `spec`'s crop space. DubberError
-    when fewer than MIN_ENTRIES frames show a face. shapes_from_track: describe each mouth by the
+    at most `max_entries` frames with a face, evenly spaced, in `spec`'s crop space (a photo: its
+    one mouth). DubberError when fewer than MIN_ENTRIES frames of a video show a face. shapes_from_track: describe each mouth by the
     track's landmarks (as dubber.backbones.rewrite learnt them), not by landmarks found on the crop
     (as generated crops are measured)."""
     from dubber.analysis import progress_step

@@ -137,6 +137,9 @@ class LipsyncOptions:
         self.pads = check.pads("--pads", self.pads)
         if self.mouth_bank_source is not None:
             check.existing_file("--mouth-bank-source", self.mouth_bank_source)
+            if self.mouth_bank is False:
+                raise check.OptionError("--mouth-bank-source", self.mouth_bank_source,
+                                        "contradicts --no-mouth-bank (it names the mouth bank's video)")
             self.mouth_bank = True
         check.seconds("mouth_bank_exclude", self.mouth_bank_exclude)
         return notes

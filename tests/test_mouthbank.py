@@ -118,9 +118,10 @@ def test_lipsync_mouth_bank(face_video, speech_1s, tmp_path):
 @pytest.mark.parametrize("extra, words", [
     (["--mouth-bank-source", "{photo}"], ["--mouth-bank-source", "a photo holds one mouth"]),
     (["--mouth-bank-source", "{tmp}/missing.mp4"], ["--mouth-bank-source", "not found"]),
+    (["--mouth-bank-source", "{video}", "--no-mouth-bank"], ["--mouth-bank-source", "contradicts --no-mouth-bank"]),
 ])
 def test_lipsync_mouth_bank_refusals(extra, words, face_video, face_still, speech_1s, tmp_path):
-    values = {"photo": face_still, "tmp": tmp_path}
+    values = {"photo": face_still, "tmp": tmp_path, "video": face_video}
     code, _, stderr = helpers.run_cli(["lipsync", face_video, speech_1s, "-o", tmp_path / "o.mp4",
                                        *[a.format(**values) for a in extra]])
     assert code == 2, stderr

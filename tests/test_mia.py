@@ -109,6 +109,22 @@ def test_the_runner_carries_the_state_across_windows(model):
     assert np.abs(out.astype(np.float32) - expected).max() <= 1
 
 
+def test_every_anchor_has_an_identity_face_far_enough():
+    """The shortest clip that has anchors leaves an identity frame IDENTITY_GAP away from each sequence."""
+    from dubber.train.recipes.mia import IDENTITY_GAP, SEQUENCE
+    from dubber.train.sampler import IdentitySampler
+
+    recipe = recipe_for("mia", batch_size=2)
+    short = SEQUENCE + 2 * IDENTITY_GAP
+    assert len(recipe.anchors(synthetic_clip("a", short, 0))) == 0
+    clips = [synthetic_clip("a", short + 1, 0), synthetic_clip("b", short + 1, 1)]
+    sampler = IdentitySampler(clips, recipe.anchors, recipe.identity_power)
+    images, _, _ = recipe.draw(sampler, np.random.default_rng(0))
+    assert images.shape[:2] == (2, SEQUENCE + 1)
+    for _ in range(20):
+        recipe.draw(sampler, np.random.default_rng(_))
+
+
 def test_mutual_information_bounds():
     joint, marginal = torch.full((64,), 5.0), torch.full((64,), -5.0)
     assert js_estimate(joint, marginal) > -0.02  # separable pairs: the bound reaches its top, 0 (nats, shifted)

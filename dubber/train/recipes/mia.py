@@ -160,7 +160,7 @@ class MIARecipe(Recipe):
 
     def anchors(self, clip: dict) -> np.ndarray:
         frames = len(clip["mels"])
-        if frames < SEQUENCE + 2 * IDENTITY_GAP:
+        if frames <= SEQUENCE + 2 * IDENTITY_GAP:  # at least one frame IDENTITY_GAP away from any sequence
             return np.zeros(0, int)
         return np.arange(frames - SEQUENCE + 1)
 

@@ -1,6 +1,6 @@
-"""MIA and AMIE: a talking-face generator fed back its own previous frame (Zhu et al., "Arbitrary
-Talking Face Generation via Attentional Audio-Visual Coherence Learning" (MIA) and its journal
-form with the Asymmetric Mutual Information Estimator (AMIE); ../shared/papers).
+"""MIA and AMIE: a talking-face generator fed back its own previous frame (Zhu et al.,
+"High-Resolution Talking Face Generation via Mutual Information Approximation" (MIA), and its
+later form with the Asymmetric Mutual Information Estimator (AMIE); ../shared/papers).
 
 Three inputs per frame (the papers' Fig. 2):
 - the identity face I_f -> a U-Net encoder whose skips feed the frame decoder, the outermost two
@@ -96,18 +96,19 @@ class MIA(Backbone):
     def __init__(self, size: int = SIZE, identity_widths: Sequence[int] = IDENTITY_WIDTHS,
                  removed_skips: int = REMOVED_SKIPS, lightcnn_widths: Sequence[int] = LIGHTCNN_WIDTHS,
                  audio_widths: Sequence[Sequence[int]] = MFCC_CNN_WIDTHS, feature_dim: int = FEATURE_DIM,
-                 fused_channels: int = FUSED_CHANNELS):
+                 fused_channels: int = FUSED_CHANNELS, previous_size: int = PREVIOUS_SIZE):
         super().__init__()
         widths, n_down = tuple(identity_widths), len(identity_widths) - 1
-        if size % 2 ** n_down or size % 16:
-            raise ValueError(f"{self.name} crop size must be divisible by {max(2 ** n_down, 16)}, got {size}")
+        if size % 2 ** n_down or previous_size % 16:  # LightCNN-9 halves its input four times
+            raise ValueError(f"{self.name}: crop size must be divisible by {2 ** n_down} and previous_size by 16, "
+                             f"got {size} and {previous_size}")
         self.crop = CropSpec(CROP_BOX, size)
         self.removed_skips = removed_skips
         self.bottom = size // 2 ** n_down
         self.stem = ConvNormAct(3, widths[0], 3)
         self.down = nn.ModuleList(ConvNormAct(widths[d - 1], widths[d], 3, stride=2) for d in range(1, n_down + 1))
         self.audio = MFCCEncoder([list(b) for b in audio_widths], feature_dim)
-        self.previous_size = min(PREVIOUS_SIZE, size)
+        self.previous_size = previous_size
         self.previous = LightCNN9(lightcnn_widths, feature_dim, self.previous_size)
         self.fuse = nn.Sequential(nn.Linear(2 * feature_dim, fused_channels * self.bottom ** 2),
                                   nn.LeakyReLU(LEAKY_SLOPE, True))

@@ -490,7 +490,7 @@ def train(
     if pack is not None:
         check.existing_file("--pack", pack / "clips.npz")
         if val_every:
-            raise check.OptionError("--val-every", val_every, "a pack holds no landmarks to validate with: drop --pack or --val-every")
+            raise check.OptionError("--val-every", val_every, "a pack holds only the mouth's landmarks, not the 68 validation refits: drop --pack or --val-every")
     hyperparameters = _recipe_settings(backbone, set_, batch_size, sync_expert)
     if out is None:
         out = Path("runs") / f"{backbone}-{datetime.datetime.now():%Y%m%d-%H%M%S}" / f"{backbone}.pt"

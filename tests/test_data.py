@@ -168,7 +168,9 @@ def test_a_pack_gives_back_the_clips_it_was_written_from(talking, tmp_path):
         for key in ("box64", "face96"):
             np.testing.assert_array_equal(back["transforms"][key], clip["transforms"][key])
         assert back["speech"].tolist() == clip["speech"].tolist() and back["identity"] == clip["identity"]
-    # and trains: `dubber train --pack` (a pack has no landmarks, so no validation)
+        np.testing.assert_array_equal(back["landmarks"][:, 48:68], clip["landmarks"][:, 48:68])  # the mouth's, exactly
+        assert np.isnan(back["landmarks"][:, :48]).all()  # and no other: validation refits all 68
+    # and trains: `dubber train --pack` (only the mouth's landmarks, so no validation)
     from dubber.backbones import load_backbone
     from dubber.train import train_from_corpus
 

@@ -24,8 +24,8 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
     Validation (val_every > 0) uses recipe.validation_clips clips of the selection half of the val identities
     ("val_select"); the test half is never looked at here. max_seconds: a training-time budget
     (dubber.train.loop.train). pack: train on a pack (dubber.train.pack, written from this corpus,
-    e.g. to carry to a GPU machine) instead of data_root and the cache; a pack holds no
-    landmarks, so there is no validation. Under torchrun (dubber.train.distributed) process 0
+    e.g. to carry to a GPU machine) instead of data_root and the cache; a pack holds only the
+    mouth's landmarks, so there is no validation. Under torchrun (dubber.train.distributed) process 0
     builds the cache while the others wait, and reports alone.
     """
     from dubber import data

@@ -5,10 +5,11 @@ dependencies (no dlib, librosa or ffmpeg binary: OpenCV decodes the video).
 Layout of a pack folder:
   crops_<key>.mp4   every clip's crops of one CropSpec, clip after clip, H.264 4:4:4 at PACK_CRF
   clips.npz         per clip: name, identity, fps, length; per frame: the crop transforms, the
-                    speech flags and an offset into the clip's mel segment; per clip a log-mel
-                    segment [N_MELS, columns] quantised to uint8 (255 steps) over
-                    [audio.MEL_MIN, audio.MEL_MAX]
-A pack holds no landmarks: it is for training steps, not for validation (which refits landmarks).
+                    20 mouth landmarks (frame pixels), the speech flags and an offset into the
+                    clip's mel segment; per clip a log-mel segment [N_MELS, columns] quantised to
+                    uint8 (255 steps) over [audio.MEL_MIN, audio.MEL_MAX]
+A pack holds the mouth's landmarks only (recipes that locate the mouth: MIA/AMIE's attention and
+mouth loss, rewrite's shapes): it is for training steps, not for validation (which refits all 68).
 
     python -m dubber.train.pack --data ../shared/data --cache CACHE --offsets weights/offsets.csv \
         --crop box:128 --crop face:96 --images box:128 --grid-every 10 -o PACK
@@ -23,6 +24,7 @@ import numpy as np
 from dubber import audio
 from dubber.errors import DubberError
 from dubber.face.crops import CropSpec
+from dubber.face.landmarks import MOUTH
 
 PACK_CRF = 16  # x264 quality of the crop videos: about 2 grey levels off, ~0.5 kB a 128 px frame
 PACK_PRESET = "slow"  # written once, carried often: smaller files are worth the encoding time
@@ -59,12 +61,14 @@ def write_pack(clips: Sequence[dict], specs: Sequence[CropSpec], folder: Path, c
              mel_width=clips[0]["mels"].shape[-1], mel_offsets=np.concatenate(offsets).astype(np.int32),
              mel_columns=np.array([s.shape[1] for s in segments]), mels=np.concatenate(segments, axis=1),
              speech=np.concatenate([c["speech"] for c in clips]),
+             mouths=np.concatenate([c["landmarks"][:, MOUTH] for c in clips]).astype(np.float32),
              **{f"transform_{k}": np.concatenate([c["transforms"][k] for c in clips]).astype(np.float32) for k in keys})
 
 
 def read_pack(folder: Path) -> List[dict]:
     """Pack folder -> clip dicts as load_clips gives (crops, transforms, mels, speech, name,
-    identity, fps), without landmarks. Mels come back dequantised (float32)."""
+    identity, fps; landmarks [N, 68, 2] with the mouth's 20 points and NaN elsewhere, when the pack
+    holds them). Mels come back dequantised (float32)."""
     import cv2
 
     folder = Path(folder)
@@ -95,6 +99,10 @@ def read_pack(folder: Path) -> List[dict]:
             "crops": {k: v[a:b] for k, v in crops.items()},
             "transforms": {str(k): meta[f"transform_{k}"][a:b] for k in meta["keys"]},
             "mels": np.ascontiguousarray(segment[:, index].transpose(1, 0, 2)), "speech": meta["speech"][a:b]})
+        if "mouths" in meta:  # packs written before session 10 hold none
+            landmarks = np.full((b - a, 68, 2), np.nan, np.float32)
+            landmarks[:, MOUTH] = meta["mouths"][a:b]
+            clips[-1]["landmarks"] = landmarks
     return clips
 
 

@@ -424,3 +424,28 @@ def summary_counts(stderr: str) -> Optional[Tuple[int, int, int]]:
 
     match = re.search(r"(\d+) frames \((\d+) dubbed, (\d+) without a face\)", stderr)
     return tuple(int(g) for g in match.groups()) if match else None
+
+
+def synthetic_box_clip(identity: str, frames: int, seed: int, size: int = 128, mel_width: int = 16) -> dict:
+    """Box crops `size` px (a dark mouth whose height follows the low mel bands' energy, on a skin tone
+    of its own) with matching mouth landmarks, in the layout of dubber.data.load_clips (crop key
+    box<size>, mel windows of mel_width frames): for the recipes of full-face generators."""
+    rng = np.random.default_rng(seed)
+    key = f"box{size}"
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    skin = rng.uniform(90, 220, 3)
+    openness = np.clip(np.convolve(rng.uniform(0, 1, frames + 2), np.ones(3) / 3, "valid"), 0, 1)
+    crops = np.empty((frames, size, size, 3), np.uint8)
+    landmarks = np.zeros((frames, 68, 2), np.float32)
+    angles = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+    for t in range(frames):
+        height = 0.03 + 0.08 * openness[t]
+        image = np.tile(skin, (size, size, 1))
+        image[(((xx - 0.5) / 0.15) ** 2 + ((yy - 0.72) / height) ** 2) < 1] = (40, 10, 20)
+        crops[t] = image.astype(np.uint8)
+        landmarks[t, 48:68] = size * np.stack([0.5 + 0.15 * np.cos(angles), 0.72 + height * np.sin(angles)], 1)
+    mels = np.full((frames, 80, mel_width), -4.0, np.float32)
+    mels[:, :40] += 8 * openness[:, None, None].astype(np.float32)
+    return {"crops": {key: crops}, "mels": mels, "identity": identity, "name": f"{identity}-{seed}",
+            "speech": np.ones(frames, bool), "landmarks": landmarks,
+            "transforms": {key: np.tile(np.eye(2, 3, dtype=np.float32), (frames, 1, 1))}}

@@ -23,32 +23,9 @@ BOX = CropSpec(CROP_BOX, SIZE).key
 MAX_SHIPPED_BYTES = 25 * 1024 * 1024
 
 
-def synthetic_clip(identity: str, frames: int, seed: int) -> dict:
-    """Box crops (a dark mouth whose height follows the low mel bands' energy, on a skin tone of its
-    own) with matching mouth landmarks, in the layout of dubber.data.load_clips."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    skin = rng.uniform(90, 220, 3)
-    openness = np.clip(np.convolve(rng.uniform(0, 1, frames + 2), np.ones(3) / 3, "valid"), 0, 1)
-    crops = np.empty((frames, SIZE, SIZE, 3), np.uint8)
-    landmarks = np.zeros((frames, 68, 2), np.float32)
-    angles = np.linspace(0, 2 * np.pi, 20, endpoint=False)
-    for t in range(frames):
-        height = 0.03 + 0.08 * openness[t]
-        image = np.tile(skin, (SIZE, SIZE, 1))
-        image[(((xx - 0.5) / 0.15) ** 2 + ((yy - 0.72) / height) ** 2) < 1] = (40, 10, 20)
-        crops[t] = image.astype(np.uint8)
-        landmarks[t, 48:68] = SIZE * np.stack([0.5 + 0.15 * np.cos(angles), 0.72 + height * np.sin(angles)], 1)
-    mels = np.full((frames, 80, 16), -4.0, np.float32)
-    mels[:, :40] += 8 * openness[:, None, None].astype(np.float32)
-    return {"crops": {BOX: crops}, "mels": mels, "identity": identity, "name": f"{identity}-{seed}",
-            "speech": np.ones(frames, bool), "landmarks": landmarks,
-            "transforms": {BOX: np.tile(np.eye(2, 3, dtype=np.float32), (frames, 1, 1))}}
-
-
 @pytest.fixture(scope="module")
 def clips():
-    return [synthetic_clip(f"id{i}", 24, i) for i in range(3)]
+    return [helpers.synthetic_box_clip(f"id{i}", 24, i) for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -110,19 +87,19 @@ def test_the_runner_carries_the_state_across_windows(model):
 
 
 def test_every_anchor_has_an_identity_face_far_enough():
-    """The shortest clip that has anchors leaves an identity frame IDENTITY_GAP away from each sequence."""
-    from dubber.train.recipes.mia import IDENTITY_GAP, SEQUENCE
-    from dubber.train.sampler import IdentitySampler
+    """sequence_anchors gives exactly the starts where distant_frame finds a frame `gap` away from
+    the whole run (the recipes of MIA/AMIE, CRAN and DCK draw their identity faces so)."""
+    from dubber.train.sampler import distant_frame, sequence_anchors
 
-    recipe = recipe_for("mia", batch_size=2)
-    short = SEQUENCE + 2 * IDENTITY_GAP
-    assert len(recipe.anchors(synthetic_clip("a", short, 0))) == 0
-    clips = [synthetic_clip("a", short + 1, 0), synthetic_clip("b", short + 1, 1)]
-    sampler = IdentitySampler(clips, recipe.anchors, recipe.identity_power)
-    images, _, _ = recipe.draw(sampler, np.random.default_rng(0))
-    assert images.shape[:2] == (2, SEQUENCE + 1)
-    for _ in range(20):
-        recipe.draw(sampler, np.random.default_rng(_))
+    rng = np.random.default_rng(0)
+    for span, gap in ((1, 5), (3, 5), (8, 5)):
+        for length in range(span, span + 2 * gap + 3):
+            starts = sequence_anchors(length, span, gap)
+            assert (len(starts) > 0) == (length >= span + 2 * gap - 1)
+            for start in starts:
+                for _ in range(5):
+                    frame = distant_frame(length, start, span, gap, rng)
+                    assert min(abs(frame - t) for t in range(start, start + span)) >= gap
 
 
 def test_mutual_information_bounds():

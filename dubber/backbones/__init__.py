@@ -19,6 +19,7 @@ WEIGHTS_DIR = Path(os.environ.get("DUBBER_WEIGHTS", Path(__file__).resolve().par
 
 # Registry name -> the module that defines it (imported on first use, so `dubber --help` stays fast).
 BUILTIN = {
+    "cran": "dubber.backbones.cran",  # a recurrent unit along the frames; image and video critics
     "dck": "dubber.backbones.dck",
     "glance": "dubber.backbones.glance",
     "mia": "dubber.backbones.mia",  # the generator fed back its previous frame; trained with MIA's estimator
@@ -29,7 +30,7 @@ BUILTIN = {
     "toy_clip": "dubber.backbones.toy",
 }
 # Named by the project but not implemented yet: the error can say so.
-PLANNED = ("cran",)
+PLANNED = ()
 DEFAULT_VIDEO_BACKBONE = "rewrite"  # the two-stage backbone: the person's own mouths, moved to the speech (weights/README.md)
 DEFAULT_PHOTO_BACKBONE = "dck"
 

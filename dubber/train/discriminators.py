@@ -1,5 +1,6 @@
-"""Critics used only in training (never shipped): the LSGAN patch discriminator (DCK), Glance's
-three-stream discriminator and MIA/AMIE's critics of (frame, audio) pairs."""
+"""Critics used only in training (never shipped): the LSGAN patch discriminator (DCK, and CRAN's
+image discriminator), Glance's three-stream discriminator, CRAN's video discriminator and
+MIA/AMIE's critics of (frame, audio) pairs."""
 
 from typing import Optional
 
@@ -86,6 +87,19 @@ class ThreeStreamDiscriminator(nn.Module):
                 raise ValueError("the three-stream discriminator needs the clip's flow")
             streams.append(self.flow(flow))
         return self.head(torch.cat(streams, dim=1)).view(batch)
+
+
+class VideoDiscriminator(nn.Module):
+    """CRAN's D_V: clips [B, T, 3, S, S] in [0, 1] -> logits [B] that the clip is real: four 3D
+    convolutions (the video stream of the three-stream discriminator) and one over their grid."""
+
+    def __init__(self, widths=STREAM_WIDTHS):
+        super().__init__()
+        self.video = _stream3d(3, widths)
+        self.head = nn.Conv3d(widths[-1], 1, STREAM_GRID)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.head(self.video(clips.transpose(1, 2) * 2 - 1)).view(len(clips))
 
 
 # MIA/AMIE's frame discriminator and mutual-information network: both score (frame, audio) pairs.

@@ -52,3 +52,20 @@ class IdentitySampler:
             "frames": int(sum(len(self.clips[i]["mels"]) for i in used)),
             "skipped_clips": self.skipped,
         }
+
+
+def distant_frame(length: int, start: int, span: int, gap: int, rng: np.random.Generator) -> int:
+    """A random frame of a clip of `length` frames at least `gap` frames from each of frames start ..
+    start + span - 1: a sample's identity face, never one of the frames it is asked to generate (that
+    frame's mouth would be the answer). `sequence_anchors` gives the starts where one exists."""
+    frames = np.arange(length)
+    candidates = np.flatnonzero((frames <= start - gap) | (frames >= start + span - 1 + gap))
+    return int(candidates[rng.integers(candidates.size)])
+
+
+def sequence_anchors(length: int, span: int, gap: int) -> np.ndarray:
+    """Starts of runs of `span` frames in a clip of `length` frames, when every run leaves a
+    distant_frame `gap` frames away (length >= span + 2 * gap - 1); none otherwise."""
+    if length < span + 2 * gap - 1:
+        return np.zeros(0, int)
+    return np.arange(length - span + 1)

@@ -31,6 +31,7 @@ from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
 from dubber.train.discriminators import PatchDiscriminator
 from dubber.train.recipes import Recipe, recipe
+from dubber.train.sampler import distant_frame
 from dubber.train.validate import generator_figures
 
 BATCH_SIZE = 16
@@ -106,8 +107,8 @@ class DCKRecipe(Recipe):
             clip = sampler.clips[index]
             crops = clip["crops"][key]
             for t in range(start, start + self.window):
-                images.append(np.stack([crops[t], crops[_distant_frame(len(crops), t, rng)],
-                                        crops[_distant_frame(len(crops), t, rng)]]))
+                images.append(np.stack([crops[t], crops[distant_frame(len(crops), t, 1, MIN_FRAME_GAP, rng)],
+                                        crops[distant_frame(len(crops), t, 1, MIN_FRAME_GAP, rng)]]))
                 mels.append(clip["mels"][t])
                 if self.sync_expert:
                     geometry.append(compose_affine(clip["transforms"][key][t],
@@ -165,12 +166,6 @@ class DCKRecipe(Recipe):
 
     def validate(self, modules, clips, device):
         return generator_figures(modules["model"], clips, device)
-
-
-def _distant_frame(length: int, t: int, rng: np.random.Generator) -> int:
-    """A random frame index at least MIN_FRAME_GAP from t (length >= MIN_CLIP_FRAMES guarantees one)."""
-    candidates = np.flatnonzero(np.abs(np.arange(length) - t) >= MIN_FRAME_GAP)
-    return int(candidates[rng.integers(candidates.size)])
 
 
 def _mouth_weights(size: int, mouth_weight: float, device: torch.device) -> torch.Tensor:

@@ -48,6 +48,7 @@ from dubber.train.augment import Jitter, augment, to_float
 from dubber.train.discriminators import PairCritic
 from dubber.train.perceptual import Autoencoder
 from dubber.train.recipes import Recipe, recipe
+from dubber.train.sampler import distant_frame, sequence_anchors
 from dubber.train.validate import generator_figures
 
 BATCH_SIZE = 8  # sequences a step
@@ -67,7 +68,7 @@ ATTENTION_LOW_AT = 3000  # steps over which the rate falls
 ATTENTION_FULL_AT = 6000  # steps from which the rate is 1 (papers: "the last few epochs")
 MOUTH_BOX_MARGIN = 3  # pixels round the mouth box at 128 px (the papers: 5 at 256)
 OUTLINE_FEATHER = 3.0  # pixels (sigma) of AMIE's outline mask
-IDENTITY_GAP = 5  # frames between the identity face and the sequence
+IDENTITY_GAP = 5  # frames at least between the identity face and any frame of the sequence
 COLOUR_JITTER = 0.08
 
 
@@ -159,10 +160,7 @@ class MIARecipe(Recipe):
                 for name in ("model", "disc", "mi", "ae")}
 
     def anchors(self, clip: dict) -> np.ndarray:
-        frames = len(clip["mels"])
-        if frames <= SEQUENCE + 2 * IDENTITY_GAP:  # at least one frame IDENTITY_GAP away from any sequence
-            return np.zeros(0, int)
-        return np.arange(frames - SEQUENCE + 1)
+        return sequence_anchors(len(clip["mels"]), SEQUENCE, IDENTITY_GAP)
 
     def draw(self, sampler, rng: np.random.Generator):
         """-> images uint8 RGB [N, SEQUENCE + 1, S, S, 3] (the frames, then the identity face), mels
@@ -174,9 +172,7 @@ class MIARecipe(Recipe):
             index, start = sampler.draw(rng)
             clip = sampler.clips[index]
             crops = clip["crops"][key]
-            far = np.concatenate([np.arange(0, max(0, start - IDENTITY_GAP)),
-                                  np.arange(min(len(crops), start + SEQUENCE + IDENTITY_GAP), len(crops))])
-            identity = int(far[rng.integers(far.size)])
+            identity = distant_frame(len(crops), start, SEQUENCE, IDENTITY_GAP, rng)
             frames = list(range(start, start + SEQUENCE)) + [identity]
             images.append(crops[frames])
             mels.append(clip["mels"][start:start + SEQUENCE])

@@ -1,0 +1,115 @@
+"""CRAN (dubber.backbones.cran) and its recipe: the recurrent state along the frames and across the
+runner's windows, training through the one loop (reconstruction first, then the image and video
+critics; the loss falls; resume is exact; the ablation switches), and `dubber lipsync --backbone
+cran` end to end with a tiny trained file (no shipped weights needed)."""
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+from dubber.apply import Generator, Step, apply_backbone
+from dubber.backbones import load_backbone
+from dubber.backbones.cran import CRAN, MEL_WIDTH, SIZE, WINDOW
+from dubber.train.loop import checkpoint_path_for, train
+from dubber.train.recipes import recipe_for
+
+torch.set_num_threads(1)
+MAX_SHIPPED_BYTES = 25 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [helpers.synthetic_box_clip(f"id{i}", 24, i, mel_width=MEL_WIDTH) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def model() -> CRAN:
+    torch.manual_seed(0)
+    return CRAN().eval()
+
+
+@pytest.fixture(scope="module")
+def trained(clips, tmp_path_factory):
+    """A cran file trained for 4 steps with every loss on."""
+    out = tmp_path_factory.mktemp("cran") / "cran.pt"
+    history = train(recipe_for("cran", batch_size=2, adv_start=0), clips, out, 4, log_every=2, log=lambda m: None)
+    return out, history
+
+
+def test_declares_the_stateful_contract():
+    assert CRAN.stateful and CRAN.window == WINDOW and CRAN.overlap == 0 and CRAN.conditioning == "closed_mouth"
+    assert CRAN.mel_width == 28  # the paper's 350 ms of audio a frame
+
+
+def test_the_recurrent_state_runs_along_the_frames(model):
+    torch.manual_seed(1)
+    mels, identity = torch.randn(1, 6, 1, 80, MEL_WIDTH), torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        whole = model(None, mels, identity)
+        first = model(None, mels[:, :2], identity)
+        rest = model(None, mels[:, 2:], identity, state=first.state)
+        fresh = model(None, mels[:, 2:], identity)
+    assert torch.allclose(torch.cat([first.images, rest.images], 1), whole.images, atol=1e-5)
+    # the state carries what came before (an untrained decoder fades it to almost nothing in the images)
+    assert (rest.state - fresh.state).abs().max() > 1e-3 and not torch.equal(rest.images, fresh.images)
+
+
+def test_the_runner_carries_the_state_across_windows(model):
+    frames = 2 * WINDOW + 3
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (frames, SIZE, SIZE, 3), np.uint8)
+    mels = rng.normal(size=(frames, 80, MEL_WIDTH)).astype(np.float32)
+    generator = Generator(model, torch.device("cpu"))
+    out = np.stack([g for _, _, g in apply_backbone(generator, (Step(c, m) for c, m in zip(crops, mels)), crops[0])])
+    with torch.no_grad():
+        whole = model(None, torch.from_numpy(mels)[None, :, None],
+                      torch.from_numpy(crops[0][..., ::-1].copy()).permute(2, 0, 1)[None].float() / 255).images[0]
+    expected = (whole.permute(0, 2, 3, 1).numpy()[..., ::-1] * 255).round()
+    assert np.abs(out.astype(np.float32) - expected).max() <= 1
+
+
+def test_training_computes_every_loss_and_ships(trained, tmp_path):
+    path, history = trained
+    assert {"rec", "image", "video", "d_image", "d_video"} <= set(history[0])
+    assert path.stat().st_size < MAX_SHIPPED_BYTES
+    model = load_backbone("cran", path)
+    assert model.meta["steps"] == 4 and model.meta["recipe"]["lambda_video"] == pytest.approx(1e-2)
+
+
+def test_reconstruction_falls(clips, tmp_path):
+    recipe = recipe_for("cran", batch_size=2, lr=1e-3)  # adv_start 2000: reconstruction alone
+    losses = train(recipe, clips, tmp_path / "c.pt", 24, log_every=6, log=lambda m: None)
+    assert "image" not in losses[0] and losses[-1]["rec"] < 0.75 * losses[0]["rec"], losses
+
+
+def test_resume_is_exact(clips, tmp_path):
+    recipe = recipe_for("cran", batch_size=2, adv_start=1)
+    whole, split = tmp_path / "whole" / "c.pt", tmp_path / "split" / "c.pt"
+    for path in (whole, split):
+        path.parent.mkdir()
+    train(recipe, clips, whole, 3, log=lambda m: None)
+    train(recipe, clips, split, 2, log=lambda m: None)
+    train(recipe, clips, split, 3, log=lambda m: None)
+    a, b = (torch.load(checkpoint_path_for(p), weights_only=True)["modules"] for p in (whole, split))
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("switch, absent", [({"lambda_image": 0.0}, "image"), ({"lambda_video": 0.0}, "video")])
+def test_ablation_switches(clips, tmp_path, switch, absent):
+    history = train(recipe_for("cran", batch_size=2, adv_start=0, **switch), clips, tmp_path / "c.pt", 1,
+                    log_every=1, log=lambda m: None)
+    assert absent not in history[0] and f"d_{absent}" not in history[0] and "rec" in history[0]
+
+
+@pytest.mark.parametrize("kind", ["video", "photo"])
+def test_lipsync_end_to_end(trained, face_video, face_still, speech_1s, tmp_path, kind):
+    weights, _ = trained
+    out = tmp_path / "out.mp4"
+    code, _, stderr = helpers.run_cli_subprocess(
+        ["lipsync", face_video if kind == "video" else face_still, speech_1s, "-o", out, "--backbone", "cran",
+         "--weights", weights, "--quiet"])
+    assert code == 0, stderr
+    assert len(helpers.decode_frames(out)) == 25

@@ -11,7 +11,7 @@ import helpers
 from dubber.apply import Generator, Step, apply_backbone
 from dubber.backbones import load_backbone
 from dubber.backbones.cran import CRAN, MEL_WIDTH, SIZE, WINDOW
-from dubber.train.loop import checkpoint_path_for, train
+from dubber.train.loop import train
 from dubber.train.recipes import recipe_for
 
 torch.set_num_threads(1)
@@ -84,17 +84,7 @@ def test_reconstruction_falls(clips, tmp_path):
 
 
 def test_resume_is_exact(clips, tmp_path):
-    recipe = recipe_for("cran", batch_size=2, adv_start=1)
-    whole, split = tmp_path / "whole" / "c.pt", tmp_path / "split" / "c.pt"
-    for path in (whole, split):
-        path.parent.mkdir()
-    train(recipe, clips, whole, 3, log=lambda m: None)
-    train(recipe, clips, split, 2, log=lambda m: None)
-    train(recipe, clips, split, 3, log=lambda m: None)
-    a, b = (torch.load(checkpoint_path_for(p), weights_only=True)["modules"] for p in (whole, split))
-    for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    helpers.assert_resume_is_exact(recipe_for("cran", batch_size=2, adv_start=1), clips, tmp_path)
 
 
 @pytest.mark.parametrize("switch, absent", [({"lambda_image": 0.0}, "image"), ({"lambda_video": 0.0}, "video")])

@@ -17,7 +17,7 @@ from dubber.face.align import crop_transforms, warp_crop
 from dubber.face.landmarks import LEFT_EYE, NOSE_TIP, RIGHT_EYE
 from dubber.train.discriminators import ThreeStreamDiscriminator
 from dubber.train.flow import clip_flow, lucas_kanade
-from dubber.train.loop import checkpoint_path_for, train
+from dubber.train.loop import train
 from dubber.train.recipes import recipe_for
 from dubber.train.recipes.glance import CorrelationNets
 
@@ -233,18 +233,7 @@ def test_checkpoint_round_trip(trained, tmp_path):
 
 def test_resume_is_exact(clips, tmp_path):
     """3 steps in one go == 2 steps, then resumed to 3 (the loop's per-step RNG and saved state)."""
-    recipe = recipe_for("glance", batch_size=2, ae_steps=1)
-    whole, split = tmp_path / "whole" / "g.pt", tmp_path / "split" / "g.pt"
-    for path in (whole, split):
-        path.parent.mkdir()
-    train(recipe, clips, whole, 3, log=lambda message: None)
-    train(recipe, clips, split, 2, log=lambda message: None)
-    assert checkpoint_path_for(split).is_file()
-    train(recipe, clips, split, 3, log=lambda message: None)
-    a, b = (torch.load(checkpoint_path_for(p), weights_only=True)["modules"] for p in (whole, split))
-    for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    helpers.assert_resume_is_exact(recipe_for("glance", batch_size=2, ae_steps=1), clips, tmp_path)
 
 
 @pytest.mark.parametrize("switch, absent", [({"corr_weight": 0.0}, "corr"), ({"flow_stream": False}, None)])

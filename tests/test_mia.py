@@ -13,7 +13,7 @@ from dubber.apply import Generator, Step, apply_backbone
 from dubber.backbones import CROP_BOX, CropSpec, load_backbone
 from dubber.backbones.mia import AMIE, MIA, SIZE, WINDOW
 from dubber.errors import DubberError
-from dubber.train.loop import checkpoint_path_for, train
+from dubber.train.loop import train
 from dubber.train.recipes import recipe_for
 from dubber.train.recipes.mia import (ATTENTION_LOW, ATTENTION_START, attention_rate, dv_estimate, js_estimate,
                                       mouth_region)
@@ -143,17 +143,7 @@ def test_checkpoint_round_trip(trained, tmp_path):
 
 
 def test_resume_is_exact(clips, tmp_path):
-    recipe = recipe_for("mia", batch_size=2, ae_steps=1, adv_start=1)
-    whole, split = tmp_path / "whole" / "m.pt", tmp_path / "split" / "m.pt"
-    for path in (whole, split):
-        path.parent.mkdir()
-    train(recipe, clips, whole, 3, log=lambda message: None)
-    train(recipe, clips, split, 2, log=lambda message: None)
-    train(recipe, clips, split, 3, log=lambda message: None)
-    a, b = (torch.load(checkpoint_path_for(p), weights_only=True)["modules"] for p in (whole, split))
-    for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    helpers.assert_resume_is_exact(recipe_for("mia", batch_size=2, ae_steps=1, adv_start=1), clips, tmp_path)
 
 
 @pytest.mark.parametrize("switch, present, absent", [

@@ -8,7 +8,8 @@ dicts for the trainers, one per run of consecutive frames where the face was fou
     {"name", "identity", "fps",
      "crops": {crop key: uint8 RGB [T, S, S, 3]}, "transforms": {crop key: float32 [T, 2, 3]},
      "landmarks": float32 [T, 68, 2], "mels": float32 [T, 80, W], "speech": bool [T],
-     "times": float64 [T] (seconds into the audio each frame's mel window is centred on)}
+     "times": float64 [T] (seconds into the audio each frame's mel window is centred on),
+     "words" (GRID, from its alignments): [(first frame, end frame, word)] said within the run}
 
 Audio (mel windows, speech) is taken at the frame times shifted by the item's lag, so mouth and
 sound line up. Nothing here imports torch: the cache workers import this module.
@@ -33,6 +34,8 @@ from dubber.errors import DubberError
 from dubber.face.crops import CropSpec
 
 GRID_VAL_FRACTION = 0.1  # GRID: the last 10 % of each speaker's sentences (sorted) validate
+GRID_ALIGN_UNITS = 25000  # GRID's .align times count 1/25,000 s (a 3 s sentence ends at 75,000)
+GRID_SILENCES = ("sil", "sp")  # the alignments' labels of silence and short pauses
 MIN_RUN = 16  # frames: shorter face runs are dropped (the longest backbone window, Glance's, is 16)
 MIN_SYNC_PEAK = 0.2  # wild clips whose lag estimate is weaker than this are not trusted for sync
 # Clips of the same person under two names, among the manifest's first rows (no `id=` note).
@@ -46,6 +49,34 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 # ---------------------------------------------------------------------------------------------
 # the corpus
+
+
+def grid_alignment(video: Path) -> Optional[Path]:
+    """The word alignment of a GRID video, <grid>/alignments/<speaker>/<utt>.align, or None."""
+    path = Path(video).parent.parent / "alignments" / Path(video).parent.name / f"{Path(video).stem}.align"
+    return path if path.is_file() else None
+
+
+def read_alignment(path: Path) -> List[Tuple[float, float, str]]:
+    """(start s, end s, word) of each spoken word of a GRID .align file (times in 1/GRID_ALIGN_UNITS
+    s; silences left out)."""
+    words = []
+    for line in Path(path).read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] not in GRID_SILENCES:
+            words.append((int(parts[0]) / GRID_ALIGN_UNITS, int(parts[1]) / GRID_ALIGN_UNITS, parts[2]))
+    return words
+
+
+def words_in_run(words: Sequence[Tuple[float, float, str]], fps: float, first: int, end: int) -> List[Tuple[int, int, str]]:
+    """The words spoken wholly within video frames first .. end - 1, as (first frame, end frame, word)
+    counted from `first` (a clip's run): a word covers the frames whose time falls in its span."""
+    found = []
+    for start_s, end_s, word in words:
+        a, b = int(np.ceil(start_s * fps - 1e-9)), int(np.ceil(end_s * fps - 1e-9))
+        if first <= a < b <= end:
+            found.append((a - first, b - first, word))
+    return found
 
 
 def grid_split(grid_root: Path) -> Dict[str, List[Path]]:
@@ -115,6 +146,9 @@ def corpus(root: Path, split: str, grid_every: int = 1,
             lag = offsets.get(path.relative_to(root).as_posix(), 0)
             if lag is not None or split != "train":
                 items.append({"path": path, "identity": identity_of(path), "lag": lag or 0})
+                alignment = grid_alignment(path)
+                if alignment is not None:  # the words and when they are said (a lip reader's labels)
+                    items[-1]["alignment"] = alignment
     rows = wild_rows(root)
     halves = val_halves(identity_of(root / r["file"], r) for r in rows if r["split"] == "val")
     for row in rows:
@@ -290,6 +324,7 @@ def load_clips(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec]
         times = (np.arange(len(cache["valid"])) - item.get("lag", 0)) / fps
         mels = audio.mel_windows(cache["mel"], times, mel_width)
         speech = _speech_at(cache.get("envelope"), times)
+        words = read_alignment(item["alignment"]) if item.get("alignment") else None
         for k, (a, b) in enumerate(_runs(cache["valid"], min_run)):
             clips.append({
                 "name": f"{Path(item['path']).stem}#{k}", "identity": item["identity"], "fps": fps,
@@ -297,6 +332,8 @@ def load_clips(items: Iterable[dict], cache_dir: Path, specs: Sequence[CropSpec]
                 "transforms": {s.key: cache[f"transform_{s.key}"][a:b] for s in specs},
                 "landmarks": cache["landmarks"][a:b], "mels": mels[a:b], "speech": speech[a:b],
                 "times": times[a:b]})
+            if words is not None:
+                clips[-1]["words"] = words_in_run(words, fps, a, b)
     if not clips:
         raise DubberError("no usable clips (is the cache built? does the data have speech?)", cache_dir)
     return clips

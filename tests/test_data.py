@@ -221,3 +221,22 @@ def test_tracker_redetects_near_the_face_with_the_same_landmarks(moving_frames, 
     assert roi.valid.all() and whole.valid.all()
     distance = np.linalg.norm(roi.landmarks - whole.landmarks, axis=2).mean()
     assert distance < 1.5  # px, on a face about 100 px wide
+
+
+def test_grid_words_reach_the_clips_as_frame_ranges(tmp_path):
+    """A GRID video's alignment (1/25,000 s, silences dropped) is found beside the corpus and its
+    words are given per run of frames: whole words only, counted from the run's first frame."""
+    speaker = tmp_path / "grid" / "s1"
+    speaker.mkdir(parents=True)
+    for name in ("a", "b"):
+        (speaker / f"{name}.mp4").write_bytes(b"")
+    aligned = tmp_path / "grid" / "alignments" / "s1"
+    aligned.mkdir(parents=True)
+    (aligned / "a.align").write_text("0 23750 sil\n23750 29500 bin\n29500 34000 blue\n34000 35000 sp\n"
+                                     "35000 40000 at\n40000 75000 sil\n")
+    items = {i["path"].stem: i for i in data.corpus(tmp_path, "train")}
+    assert items["a"]["alignment"] == aligned / "a.align" and "alignment" not in items["b"]
+    words = data.read_alignment(items["a"]["alignment"])
+    assert words == [(0.95, 1.18, "bin"), (1.18, 1.36, "blue"), (1.4, 1.6, "at")]
+    assert data.words_in_run(words, 25.0, 0, 75) == [(24, 30, "bin"), (30, 34, "blue"), (35, 40, "at")]
+    assert data.words_in_run(words, 25.0, 26, 40) == [(4, 8, "blue"), (9, 14, "at")]  # "bin" starts before the run

@@ -116,7 +116,7 @@ def identity_of(path: Path, row: Optional[dict] = None) -> str:
     return SAME_PERSON.get(path.stem, path.stem)
 
 
-SPLITS = ("train", "val", "val_select", "val_test")
+SPLITS = ("train", "val", "val_select", "val_test", "grid_val")  # grid_val: GRID's held-out sentences alone
 
 
 def val_halves(identities: Iterable[str]) -> Dict[str, str]:
@@ -130,9 +130,10 @@ def corpus(root: Path, split: str, grid_every: int = 1,
     """Files of one split with identity and lag: [{"path", "identity", "lag"}]; lag: frames the
     mouth trails the sound.
 
-    split: "train", "val" (GRID's held-out sentences and the wild val identities), or one half of
+    split: "train", "val" (GRID's held-out sentences and the wild val identities), one half of
     the wild val identities, "val_select" / "val_test" (val_halves; GRID s1 trains, so its
-    sentences are in neither). Every grid_every-th GRID sentence. Lags come from `offsets` (file
+    sentences are in neither), or "grid_val" (GRID's held-out sentences alone: a lip reader's
+    words). Every grid_every-th GRID sentence. Lags come from `offsets` (file
     relative to root -> lag, None where unknown: dubber.train.offsets) where it lists the file,
     else from the manifest's estimate; training skips clips whose lag is unknown or weak: they
     would teach the wrong sync.
@@ -141,14 +142,16 @@ def corpus(root: Path, split: str, grid_every: int = 1,
         raise DubberError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     root, offsets = Path(root), offsets or {}
     items = []
-    if split in ("train", "val"):
-        for path in grid_split(root / "grid")[split][::grid_every]:
+    if split in ("train", "val", "grid_val"):
+        for path in grid_split(root / "grid")["train" if split == "train" else "val"][::grid_every]:
             lag = offsets.get(path.relative_to(root).as_posix(), 0)
             if lag is not None or split != "train":
                 items.append({"path": path, "identity": identity_of(path), "lag": lag or 0})
                 alignment = grid_alignment(path)
                 if alignment is not None:  # the words and when they are said (a lip reader's labels)
                     items[-1]["alignment"] = alignment
+    if split == "grid_val":
+        return items
     rows = wild_rows(root)
     halves = val_halves(identity_of(root / r["file"], r) for r in rows if r["split"] == "val")
     for row in rows:

@@ -22,6 +22,7 @@ BUILTIN = {
     "cran": "dubber.backbones.cran",  # a recurrent unit along the frames; image and video critics
     "dck": "dubber.backbones.dck",
     "glance": "dubber.backbones.glance",
+    "lipreader": "dubber.backbones.lipreader",  # GRID's words from mouths: CRAN's lip-reading critic, a word accuracy
     "mia": "dubber.backbones.mia",  # the generator fed back its previous frame; trained with MIA's estimator
     "amie": "dubber.backbones.mia",  # ... the same generator, trained with AMIE's refinements
     "rewrite": "dubber.backbones.rewrite",  # two-stage: audio -> mouth shape -> the video's own mouths

@@ -21,8 +21,9 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
 
     grid_every: use every n-th GRID training sentence (GRID is one speaker and identity sampling
     draws it rarely). offsets: a table of measured audio-visual lags (dubber.train.offsets).
-    Validation (val_every > 0) uses recipe.validation_clips clips of the selection half of the val identities
-    ("val_select"); the test half is never looked at here. max_seconds: a training-time budget
+    Validation (val_every > 0) uses recipe.validation_clips clips of recipe.validation_split: the
+    selection half of the val identities ("val_select"; the test half is never looked at here),
+    or GRID's held-out sentences for a lip reader ("grid_val"). max_seconds: a training-time budget
     (dubber.train.loop.train). pack: train on a pack (dubber.train.pack, written from this corpus,
     e.g. to carry to a GPU machine) instead of data_root and the cache; a pack holds only the
     mouth's landmarks, so there is no validation. Under torchrun (dubber.train.distributed) process 0
@@ -49,7 +50,8 @@ def train_from_corpus(name: str, data_root: Path, cache_dir: Path, out_path: Pat
 
         table = read_table(offsets)
     items = data.corpus(data_root, "train", grid_every, table)
-    val_items = _spread(data.corpus(data_root, "val_select", offsets=table), recipe.validation_clips) if val_every else []
+    val_items = _spread(data.corpus(data_root, recipe.validation_split, offsets=table),
+                        recipe.validation_clips) if val_every else []
     specs = list(recipe.crops())
     log(f"{len(items)} training files, {len({i['identity'] for i in items})} identities; caching to {cache_dir}")
     distributed.run_on_main(lambda: data.build_cache(items + val_items, cache_dir, specs, workers=workers,

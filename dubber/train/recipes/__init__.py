@@ -67,7 +67,8 @@ class Recipe:
     select_metric: ClassVar[str] = ""  # validation figure that selects the shipped step
     select_mode: ClassVar[str] = "min"  # "min" or "max"
     ship_half: ClassVar[bool] = True  # store the shipped model in fp16
-    validation_clips: ClassVar[int] = 8  # val_select clips scored at each validation (spread over identities)
+    validation_clips: ClassVar[int] = 8  # clips scored at each validation (spread over identities)
+    validation_split: ClassVar[str] = "val_select"  # the corpus split they come from (dubber.data.corpus)
     needs_pixels: ClassVar[bool] = True  # False: the clips carry the crops' transforms, not their images
 
     def hyperparameters(self) -> Dict[str, Any]:

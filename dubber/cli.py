@@ -838,7 +838,7 @@ def backbones():
         shape = (f"window {cls.window}, overlap {cls.overlap}, {'stateful' if cls.stateful else 'stateless'}, "
                  f"{cls.crop}, identity: {cls.conditioning}"
                  f"{', mouth shapes rendered from the video: videos only' if cls.returns_points else ''}") \
-            if hasattr(cls, "window") else "sync expert"
+            if hasattr(cls, "window") else cls.role
         weights = weights_path(name)
         state = (f"weights: {weights}" if weights.is_file() else
                  "no weights needed" if not getattr(cls, "needs_weights", True) else "no trained weights")

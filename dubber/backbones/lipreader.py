@@ -48,6 +48,7 @@ class LipReader(SelfDescribing):
     """See the module docstring."""
 
     name = "lipreader"
+    role = "lip reader of GRID's words"  # what `dubber backbones` calls it
     crop = MOUTH_CROP
 
     def __init__(self, vocabulary: Sequence[str] = GRID_WORDS, widths: Sequence[int] = FRONT_WIDTHS,

@@ -53,6 +53,7 @@ class SyncNet(SelfDescribing):
     """
 
     name = "syncnet"
+    role = "sync expert"  # what `dubber backbones` calls it
 
     def __init__(self, base_channels: int = BASE_CHANNELS, embed_dim: int = EMBED_DIM):
         super().__init__()

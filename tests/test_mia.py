@@ -162,6 +162,8 @@ def test_ablation_switches(clips, tmp_path, switch, present, absent):
 def test_unknown_estimator_is_refused(tmp_path):
     with pytest.raises(DubberError, match="estimator"):
         recipe_for("mia", estimator="kl")
+    with pytest.raises(DubberError, match="batch_size must be at least 2"):
+        recipe_for("amie", batch_size=1)
     code, _, stderr = helpers.run_cli(["train", "--backbone", "mia", "--data", tmp_path, "--set", "estimator=kl"])
     assert code == 2 and stderr.startswith("error: --set estimator=kl: estimator must be one of"), stderr
 

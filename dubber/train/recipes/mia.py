@@ -136,6 +136,9 @@ class MIARecipe(Recipe):
     init: str = ""  # path of a file of this model to start from instead of a fresh one
 
     def __post_init__(self):
+        if self.batch_size < 2:
+            raise DubberError(f"batch_size must be at least 2 (mismatched pairs pair one sample with another's "
+                              f"audio), got {self.batch_size}")
         if self.estimator not in self.estimators:
             raise DubberError(f"estimator must be one of {', '.join(self.estimators)}, got {self.estimator!r}")
         if self.attention not in self.attentions:
@@ -182,8 +185,6 @@ class MIARecipe(Recipe):
         return np.stack(images), np.stack(mels), np.stack(regions)
 
     def train_step(self, modules, optimizers, sampler, rng, step, device):
-        if self.batch_size < 2:
-            raise ValueError("mismatched pairs need a batch of at least 2 sequences")
         model, disc, mi, ae = modules["model"], modules["disc"], modules["mi"], modules["ae"]
         images, mels, regions = self.draw(sampler, rng)
         jitter = Jitter(self.colour_jitter, self.colour_jitter, self.colour_jitter)

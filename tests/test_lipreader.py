@@ -69,3 +69,10 @@ def test_training_reads_words_that_look_apart(tmp_path):
 
 def test_no_words_no_accuracy():
     assert word_accuracy(LipReader(), [{"crops": {KEY: np.zeros((5, SIZE, SIZE, 3), np.uint8)}}], "cpu") == 0.0
+
+
+def test_the_shipped_lip_reader_loads_and_says_what_trained_it():
+    model = load("lipreader")
+    assert model.vocabulary == GRID_WORDS and not model.training
+    assert model.meta["selected_step"] == 500 and model.meta["validation"]["val_word_accuracy"] > 0.6
+    assert model(torch.rand(1, WORD_FRAMES, 1, SIZE, SIZE)).shape == (1, 51)

@@ -10,6 +10,11 @@ from torch import nn
 from dubber.audio import N_MELS
 from dubber.backbones.blocks import LEAKY_SLOPE, MFCCEncoder
 
+
+def critic_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """Binary cross-entropy of a critic's logits against one label (real: 1, else 0)."""
+    return nn.functional.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
+
 PATCH_WIDTHS = (32, 64, 128, 256)
 
 

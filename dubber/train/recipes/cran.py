@@ -23,13 +23,12 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dubber.backbones.cran import CRAN, SIZE
 from dubber.face.crops import CROP_BOX, CropSpec
 from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
-from dubber.train.discriminators import PatchDiscriminator, VideoDiscriminator
+from dubber.train.discriminators import PatchDiscriminator, VideoDiscriminator, critic_loss
 from dubber.train.recipes import Recipe, recipe
 from dubber.train.sampler import distant_frame, sequence_anchors
 from dubber.train.validate import generator_figures
@@ -44,9 +43,6 @@ ADV_START = 2000  # steps of reconstruction alone before the discriminators join
 IDENTITY_GAP = 5  # frames at least between the identity face and any frame of the sequence
 COLOUR_JITTER = 0.08
 
-
-def _bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
 
 
 @recipe
@@ -109,11 +105,11 @@ class CRANRecipe(Recipe):
         losses = {"rec": reconstruction.item()}
         adversarial = step >= self.adv_start
         if adversarial and self.lambda_image:
-            image = _bce(image_d(generated.flatten(0, 1)), True)
+            image = critic_loss(image_d(generated.flatten(0, 1)), True)
             loss = loss + self.lambda_image * image
             losses["image"] = image.item()
         if adversarial and self.lambda_video:
-            video = _bce(video_d(generated), True)
+            video = critic_loss(video_d(generated), True)
             loss = loss + self.lambda_video * video
             losses["video"] = video.item()
         optimizers["model"].zero_grad(set_to_none=True)
@@ -125,11 +121,11 @@ class CRANRecipe(Recipe):
                 ("image", image_d, self.lambda_image, real.flatten(0, 1), fake.flatten(0, 1)),
                 ("video", video_d, self.lambda_video, real, fake)):
             if adversarial and weight:
-                critic_loss = _bce(critic(real_in), True) + _bce(critic(fake_in), False)
+                judged = critic_loss(critic(real_in), True) + critic_loss(critic(fake_in), False)
                 optimizers[name].zero_grad(set_to_none=True)
-                critic_loss.backward()
+                judged.backward()
                 optimizers[name].step()
-                losses[f"d_{name}"] = critic_loss.item()
+                losses[f"d_{name}"] = judged.item()
         return losses
 
     def validate(self, modules, clips, device):

@@ -34,7 +34,6 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dubber.backbones.blocks import LEAKY_SLOPE
@@ -42,7 +41,7 @@ from dubber.backbones.glance import AUDIO_CHANNELS, SIZE, WINDOW, Glance
 from dubber.face.crops import CROP_LIPS, CropSpec
 from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
-from dubber.train.discriminators import ThreeStreamDiscriminator
+from dubber.train.discriminators import ThreeStreamDiscriminator, critic_loss
 from dubber.train.flow import clip_flow
 from dubber.train.perceptual import Autoencoder
 from dubber.train.recipes import Recipe, recipe
@@ -117,9 +116,6 @@ class _Generating(nn.Module):
         audio = self.model.audio_features(mels)
         return self.model.generate(audio, identity), audio
 
-
-def _bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
 
 
 @recipe
@@ -217,7 +213,7 @@ class GlanceRecipe(Recipe):
             losses["perc"] = perceptual.item()
         flows = self.flow_stream
         if self.lambda_gen:
-            gen = _bce(disc(mel, generated, fake_flow if flows else None), True)
+            gen = critic_loss(disc(mel, generated, fake_flow if flows else None), True)
             loss = loss + self.lambda_gen * gen
             losses["gen"] = gen.item()
         optimizers["g"].zero_grad(set_to_none=True)
@@ -226,9 +222,9 @@ class GlanceRecipe(Recipe):
         losses["total_g"] = loss.item()
 
         if self.lambda_gen:
-            dis = (_bce(disc(mel, real, real_flow if flows else None), True)
-                   + self.mismatch_fake * _bce(disc(mel, generated.detach(), fake_flow.detach() if flows else None), False)
-                   + self.mismatch_real * _bce(disc(mel, mismatched, mismatched_flow if flows else None), False))
+            dis = (critic_loss(disc(mel, real, real_flow if flows else None), True)
+                   + self.mismatch_fake * critic_loss(disc(mel, generated.detach(), fake_flow.detach() if flows else None), False)
+                   + self.mismatch_real * critic_loss(disc(mel, mismatched, mismatched_flow if flows else None), False))
             optimizers["d"].zero_grad(set_to_none=True)
             dis.backward()
             optimizers["d"].step()

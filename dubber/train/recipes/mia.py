@@ -45,7 +45,7 @@ from dubber.face.crops import CROP_BOX, CropSpec
 from dubber.face.landmarks import MOUTH
 from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
-from dubber.train.discriminators import PairCritic
+from dubber.train.discriminators import PairCritic, critic_loss
 from dubber.train.perceptual import Autoencoder
 from dubber.train.recipes import Recipe, recipe
 from dubber.train.sampler import distant_frame, sequence_anchors
@@ -104,9 +104,6 @@ def dv_estimate(joint: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
     """Donsker-Varadhan lower bound (MINE): E[T] - log E[exp T]."""
     return joint.mean() - (torch.logsumexp(marginal, 0) - np.log(len(marginal)))
 
-
-def _bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
 
 
 @recipe
@@ -218,7 +215,7 @@ class MIARecipe(Recipe):
             losses["perc"] = perceptual.item()
         adversarial = step >= self.adv_start
         if adversarial and self.lambda_gan:
-            gan = _bce(disc(fake, audio), True)
+            gan = critic_loss(disc(fake, audio), True)
             loss = loss + self.lambda_gan * gan
             losses["gan"] = gan.item()
         if adversarial and self.estimator != "none" and self.lambda_mi:
@@ -233,8 +230,8 @@ class MIARecipe(Recipe):
 
         if adversarial and self.lambda_gan:
             still = fake.detach()
-            dis = (_bce(disc(target, audio), True) + self.mismatch_weight * _bce(disc(still, audio), False)
-                   + self.mismatch_weight * _bce(disc(target, other), False))
+            dis = (critic_loss(disc(target, audio), True) + self.mismatch_weight * critic_loss(disc(still, audio), False)
+                   + self.mismatch_weight * critic_loss(disc(target, other), False))
             optimizers["disc"].zero_grad(set_to_none=True)
             dis.backward()
             optimizers["disc"].step()

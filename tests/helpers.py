@@ -25,6 +25,7 @@ import torch
 
 from dubber import media
 from dubber.backbones import CONDITION_NONE, CROP_FACE, Backbone, CropSpec, Generated, register
+from dubber.face.align import TEMPLATE
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -428,7 +429,8 @@ def summary_counts(stderr: str) -> Optional[Tuple[int, int, int]]:
 
 def synthetic_box_clip(identity: str, frames: int, seed: int, size: int = 128, mel_width: int = 16) -> dict:
     """Box crops `size` px (a dark mouth whose height follows the low mel bands' energy, on a skin tone
-    of its own) with matching mouth landmarks, in the layout of dubber.data.load_clips (crop key
+    of its own) with matching mouth landmarks (eyes and nose where alignment puts them: the crop
+    is the frame, its transforms the identity), in the layout of dubber.data.load_clips (crop key
     box<size>, mel windows of mel_width frames): for the recipes of full-face generators."""
     rng = np.random.default_rng(seed)
     key = f"box{size}"
@@ -444,6 +446,7 @@ def synthetic_box_clip(identity: str, frames: int, seed: int, size: int = 128, m
         image[(((xx - 0.5) / 0.15) ** 2 + ((yy - 0.72) / height) ** 2) < 1] = (40, 10, 20)
         crops[t] = image.astype(np.uint8)
         landmarks[t, 48:68] = size * np.stack([0.5 + 0.15 * np.cos(angles), 0.72 + height * np.sin(angles)], 1)
+        landmarks[t, 36:42], landmarks[t, 42:48], landmarks[t, 30] = size * TEMPLATE  # the crop is the frame
     mels = np.full((frames, 80, mel_width), -4.0, np.float32)
     mels[:, :40] += 8 * openness[:, None, None].astype(np.float32)
     return {"crops": {key: crops}, "mels": mels, "identity": identity, "name": f"{identity}-{seed}",

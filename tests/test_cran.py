@@ -1,6 +1,7 @@
 """CRAN (dubber.backbones.cran) and its recipe: the recurrent state along the frames and across the
-runner's windows, training through the one loop (reconstruction first, then the image and video
-critics; the loss falls; resume is exact; the ablation switches), and `dubber lipsync --backbone
+runner's windows, training through the one loop (reconstruction first, then the image, video and
+lip-reading critics; the loss falls; resume is exact; the ablation switches), the lip-reading
+critic's view of generated crops, and `dubber lipsync --backbone
 cran` end to end with a tiny trained file (no shipped weights needed)."""
 
 import numpy as np
@@ -11,6 +12,9 @@ import helpers
 from dubber.apply import Generator, Step, apply_backbone
 from dubber.backbones import load_backbone
 from dubber.backbones.cran import CRAN, MEL_WIDTH, SIZE, WINDOW
+from dubber.backbones.lipreader import GRID_WORDS, MOUTH_CROP, WORD_FRAMES, word_frames
+from dubber.errors import DubberError
+from dubber.face.align import compose_affine, crop_transforms, inverse_affine, warp_crop
 from dubber.train.loop import train
 from dubber.train.recipes import recipe_for
 
@@ -18,9 +22,16 @@ torch.set_num_threads(1)
 MAX_SHIPPED_BYTES = 25 * 1024 * 1024
 
 
+SPOKEN = [(1, 4, "bin"), (5, 11, "blue"), (14, 20, "at"), (20, 23, "f")]  # (first frame, end frame, word)
+
+
 @pytest.fixture(scope="module")
 def clips():
-    return [helpers.synthetic_box_clip(f"id{i}", 24, i, mel_width=MEL_WIDTH) for i in range(3)]
+    """Three clips of 24 frames; two carry aligned words (as GRID's do), one does not (as wild ones)."""
+    clips = [helpers.synthetic_box_clip(f"id{i}", 24, i, mel_width=MEL_WIDTH) for i in range(3)]
+    for clip in clips[:2]:
+        clip["words"] = SPOKEN
+    return clips
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +82,7 @@ def test_the_runner_carries_the_state_across_windows(model):
 
 def test_training_computes_every_loss_and_ships(trained, tmp_path):
     path, history = trained
-    assert {"rec", "image", "video", "d_image", "d_video"} <= set(history[0])
+    assert {"rec", "image", "video", "lip", "d_image", "d_video", "d_lip"} <= set(history[0])
     assert path.stat().st_size < MAX_SHIPPED_BYTES
     model = load_backbone("cran", path)
     assert model.meta["steps"] == 4 and model.meta["recipe"]["lambda_video"] == pytest.approx(1e-2)
@@ -87,11 +98,41 @@ def test_resume_is_exact(clips, tmp_path):
     helpers.assert_resume_is_exact(recipe_for("cran", batch_size=2, adv_start=1), clips, tmp_path)
 
 
-@pytest.mark.parametrize("switch, absent", [({"lambda_image": 0.0}, "image"), ({"lambda_video": 0.0}, "video")])
+@pytest.mark.parametrize("switch, absent", [({"lambda_image": 0.0}, "image"), ({"lambda_video": 0.0}, "video"),
+                                            ({"lambda_lip": 0.0}, "lip")])
 def test_ablation_switches(clips, tmp_path, switch, absent):
     history = train(recipe_for("cran", batch_size=2, adv_start=0, **switch), clips, tmp_path / "c.pt", 1,
                     log_every=1, log=lambda m: None)
     assert absent not in history[0] and f"d_{absent}" not in history[0] and "rec" in history[0]
+
+
+def test_the_critic_sees_generated_lips_as_the_lip_reader_sees_real_ones(clips):
+    """draw_words + lip_words: a word's frames, warped from the box crops into the lips crop,
+    match the lips crops the cache derives (cv2, the same affines), at the word's frames."""
+    first, end, word = SPOKEN[1]
+    clip = {**clips[0], "words": [SPOKEN[1]]}
+    sampler = type("Sampler", (), {"clips": [clip]})()
+    recipe = recipe_for("cran", lip_batch=2)
+    _, _, frames, labels, _ = recipe.draw_words(sampler, np.random.default_rng(0))
+    assert frames.shape == (2, WORD_FRAMES) and [GRID_WORDS[k] for k in labels] == [word, word]
+    torch.manual_seed(0)
+    fake, real, labels = recipe.lip_words(CRAN(), sampler, np.random.default_rng(0), torch.device("cpu"))
+    assert fake.shape == real.shape == (2, WORD_FRAMES, 1, MOUTH_CROP.size, MOUTH_CROP.size) and fake.requires_grad
+    lips, box = crop_transforms(clip["landmarks"], MOUTH_CROP), clip["transforms"]["box128"]
+
+    def derived(ts):  # the cache's lips crops (dubber.cache.derive_crops) in grey
+        crops = np.stack([warp_crop(clip["crops"]["box128"][t], compose_affine(lips[t], inverse_affine(box[t])),
+                                    MOUTH_CROP.size) for t in ts])
+        return crops.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255
+
+    expected, elsewhere = derived(word_frames(first, end)), derived(np.full(WORD_FRAMES, 0))
+    for sample in real[:, :, 0].numpy():
+        assert np.abs(sample - expected).mean() < 0.01 < np.abs(sample - elsewhere).mean()
+
+
+def test_the_lip_critic_needs_words(clips, tmp_path):
+    with pytest.raises(DubberError, match="word alignments"):
+        train(recipe_for("cran", batch_size=2, adv_start=0), clips[2:], tmp_path / "c.pt", 1, log=lambda m: None)
 
 
 @pytest.mark.parametrize("kind", ["video", "photo"])

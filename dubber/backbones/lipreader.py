@@ -71,3 +71,20 @@ class LipReader(SelfDescribing):
         features = self.project(features.transpose(1, 2).flatten(2))  # [B, T, 2H]
         sequence, _ = self.recurrent(torch.relu(features))
         return self.classify(sequence.mean(1))
+
+
+READ_BATCH = 64  # words a forward pass when reading
+
+
+def read_words(model: LipReader, mouths: np.ndarray, device="cpu") -> list:
+    """The words `model` reads in lips crops uint8 RGB [N, WORD_FRAMES, S, S, 3] (each word's
+    frames, see word_frames): a list of N words of its vocabulary."""
+    was_training = model.training
+    model.eval()
+    read = []
+    with torch.no_grad():
+        for start in range(0, len(mouths), READ_BATCH):
+            grey = torch.from_numpy(grey_mouths(mouths[start:start + READ_BATCH])).to(device)
+            read += [model.vocabulary[k] for k in model(grey).argmax(1).tolist()]
+    model.train(was_training)
+    return read

@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from dubber import audio, media
+from dubber.data import grid_alignment, read_alignment, words_in_run
 from dubber.errors import DubberError
 from dubber.eval import metrics
 from dubber.face.crops import CROP_FACE, CropSpec
@@ -54,9 +55,10 @@ COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "lse_d0", "lse_c0", 
            "offset_accuracy", "offset_accuracy_speech", "av_corr", "av_best_corr", "av_best_lag",
            "lse_c0_original", "av_corr_original", "fps_model", "fps_end_to_end",
            "mouth_corr", "mouth_psnr", "mouth_sharpness", "mouth_sharpness_ratio", "silence_opening",
-           "silence_opening_real", "mouth_flicker")
+           "silence_opening_real", "mouth_flicker", "word_accuracy")
 TABLE_NOTE = ("lse_d / lse_c: Wav2Lip's, at the best audio offset within +-15 frames, so a shift inside that "
-              "range is found and forgiven (it shows in sync_offset); lse_d0 / lse_c0: at the delivered alignment.")
+              "range is found and forgiven (it shows in sync_offset); lse_d0 / lse_c0: at the delivered alignment; "
+              "word_accuracy (GRID clips, which carry word alignments): the lip reader's share of words read right.")
 
 
 @dataclass
@@ -160,6 +162,7 @@ class Evaluator:
         # The backbones' lips replaced from this video's mouths (dubber.mouthbank): another video
         # of the person, never the clips scored (their own mouths are the answer).
         self.mouth_bank_source = mouth_bank_source
+        self._lip_reader = None  # loaded for the first clip with word alignments (GRID's)
         if mode == "photo" and mouth_bank_source is None:
             from dubber.backbones import available
 
@@ -201,6 +204,25 @@ class Evaluator:
             if not np.isnan(boxes[t, 0]):
                 out[t] = predict_landmarks(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), boxes[t])
         return out
+
+    def _word_accuracy(self, frames: List[np.ndarray], landmarks: np.ndarray, words) -> float:
+        """The share of `words` [(first frame, end frame, word)] the lip reader (weights/lipreader.pt)
+        reads right in the lips crops cut from frames (BGR) at landmarks; words over a faceless
+        frame are left out (NaN when none is left)."""
+        from dubber.backbones import load
+        from dubber.backbones.lipreader import MOUTH_CROP, read_words, word_frames
+
+        if self._lip_reader is None:
+            self._lip_reader = load("lipreader")
+        transforms = crop_transforms(landmarks, MOUTH_CROP)
+        picks = [(word_frames(first, end), word) for first, end, word in words]
+        picks = [(ts, word) for ts, word in picks if not np.isnan(transforms[ts, 0, 0]).any()]
+        if not picks:
+            return math.nan
+        mouths = np.stack([[warp_crop(frames[t], transforms[t], MOUTH_CROP.size)[..., ::-1] for t in ts]
+                           for ts, _ in picks])
+        read = read_words(self._lip_reader, mouths)
+        return float(np.mean([got == word for got, (_, word) in zip(read, picks)]))
 
     def _speech(self, wav: np.ndarray, n: int, fps: float) -> Speech:
         from dubber.eval.sync import frame_audio
@@ -255,6 +277,8 @@ class Evaluator:
             raise DubberError("face found in fewer than 10 frames", clip.path)
         boxes = np.where(valid[:, None], track.boxes, track.boxes[np.argmax(valid)])
         own = self._speech(wav, n, fps)
+        alignment = grid_alignment(clip.path)
+        words = words_in_run(read_alignment(alignment), fps, 0, n) if alignment is not None else []
         videos: Dict[str, SystemVideo] = {
             "ground_truth": SystemVideo(real, own),
             "static_frame": SystemVideo([real[int(np.argmax(valid))]] * n, own),
@@ -300,6 +324,8 @@ class Evaluator:
                 row["mouth_corr"] = metrics.mouth_opening_correlation(opening, real_opening)
                 row["mouth_psnr"] = metrics.mouth_psnr([crops[i] for i in idx], [real_crops[i] for i in idx],
                                                        mouth_boxes[idx])
+                if words:
+                    row["word_accuracy"] = self._word_accuracy(video.frames, lm, words)
             row["cpbd"] = float(np.mean([metrics.cpbd(_gray(crops[i])) for i in idx[::3]]))
             row["mouth_sharpness"] = metrics.mouth_sharpness([_gray(crops[i]) for i in idx], mouth_boxes[idx])
             row["mouth_flicker"] = metrics.mouth_flicker([crops[i] for i in idx], mouth_boxes[idx], idx)

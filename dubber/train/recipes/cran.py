@@ -1,8 +1,8 @@
 """Recipe of CRAN (dubber.backbones.cran): the paper's objective (its Eq. 5),
 
-    L = L_rec + lambda_I L_I + lambda_V L_V  (+ lambda_l L_l: the lip-reading critic, not yet here),
+    L = L_rec + lambda_I L_I + lambda_V L_V + lambda_l L_l,
 
-with the paper's weights 1e-3 and 1e-2, reconstruction alone for the first adv_start steps and
+with the paper's weights 1e-3, 1e-2 and 1e-3, reconstruction alone for the first adv_start steps and
 then the discriminators (the paper: 30 epochs, then 15 with them), Adam 2e-4 with beta1 0.5.
 
 A sample is SEQUENCE consecutive frames of one clip with their 350 ms audio windows, and an
@@ -14,17 +14,31 @@ runner starts it at each run of frames.
 - L_I: the image discriminator (dubber.train.discriminators.PatchDiscriminator) on single frames.
 - L_V: the video discriminator (VideoDiscriminator, 3D convolutions) on the whole sequence: the
   smoothness between frames.
-- L_l (the lip-reading discriminator on GRID's word labels) is the next piece of work: a lip
-  reader trained on real mouths first (issue #15); until then `lambda_image`/`lambda_video` give
-  the rest of the paper's loss ablation (reconstruction only, + image D, + video D).
+- L_l: the lip-reading discriminator D_l on GRID's aligned words, initialised from the lip reader
+  trained on real mouths (weights/lipreader.pt; the paper: "initialized from a pre-trained
+  lip-reading model"). Each step LIP_BATCH words of GRID clips are generated over their own frames
+  (an identity face outside them), their lips cut from the generated crops by a differentiable warp
+  (dubber.train.warp) as the lip reader's crops are cut, and resampled to its WORD_FRAMES. The
+  generator minimises D_l's cross-entropy of the true word. D_l learns real words' labels and
+  pushes generated ones off theirs: the paper's Eq. 2 subtracts the fake cross-entropy, which has
+  no bound (D_l would win by making it infinite), so D_l minimises -log(1 - p(true word | fake))
+  instead, the same push, bounded. The real words go through the same warp from the box crops, so
+  D_l cannot tell them apart by resampling.
+
+Loss ablation (the paper's Table 1): lambda_image / lambda_video / lambda_lip = 0 switch each
+critic off (reconstruction only, + image D, + video D, + lip-reading D).
 """
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dubber.backbones.cran import CRAN, SIZE
+from dubber.backbones.lipreader import GREY_WEIGHTS, MOUTH_CROP, WORD_FRAMES, word_frames
+from dubber.face.align import compose_affine, crop_transforms, inverse_affine
+from dubber.errors import DubberError
 from dubber.face.crops import CROP_BOX, CropSpec
 from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
@@ -32,6 +46,7 @@ from dubber.train.discriminators import PatchDiscriminator, VideoDiscriminator, 
 from dubber.train.recipes import Recipe, recipe
 from dubber.train.sampler import distant_frame, sequence_anchors
 from dubber.train.validate import generator_figures
+from dubber.train.warp import resample_crop
 
 BATCH_SIZE = 4  # sequences a step
 SEQUENCE = 8  # frames a sample: enough for the video discriminator's 3D convolutions
@@ -39,10 +54,11 @@ LEARNING_RATE = 2e-4  # paper, Sec. 4.1
 ADAM_BETAS = (0.5, 0.999)  # paper, Sec. 4.1
 LAMBDA_IMAGE = 1e-3  # paper, Sec. 4.1
 LAMBDA_VIDEO = 1e-2  # paper, Sec. 4.1
+LAMBDA_LIP = 1e-3  # paper, Sec. 4.1
+LIP_BATCH = 4  # words a step for the lip-reading critic (each generated over its own frames)
 ADV_START = 2000  # steps of reconstruction alone before the discriminators join
 IDENTITY_GAP = 5  # frames at least between the identity face and any frame of the sequence
 COLOUR_JITTER = 0.08
-
 
 
 @recipe
@@ -56,6 +72,9 @@ class CRANRecipe(Recipe):
     adam_betas: Tuple[float, float] = ADAM_BETAS
     lambda_image: float = LAMBDA_IMAGE
     lambda_video: float = LAMBDA_VIDEO
+    lambda_lip: float = LAMBDA_LIP
+    lip_batch: int = LIP_BATCH
+    lip_reader: str = ""  # D_l's starting weights: a lipreader file ("": the shipped weights/lipreader.pt)
     adv_start: int = ADV_START
     colour_jitter: float = COLOUR_JITTER
     init: str = ""  # path of a cran file to start from instead of a fresh model
@@ -68,12 +87,17 @@ class CRANRecipe(Recipe):
         return [self.spec]
 
     def build(self) -> Dict[str, torch.nn.Module]:
-        return {"model": self.initialised(CRAN(), self.init), "image": PatchDiscriminator(),
-                "video": VideoDiscriminator()}
+        modules = {"model": self.initialised(CRAN(), self.init), "image": PatchDiscriminator(),
+                   "video": VideoDiscriminator()}
+        if self.lambda_lip:
+            from dubber.backbones import load
+
+            modules["lip"] = load("lipreader", self.lip_reader or None).train()
+        return modules
 
     def optimizers(self, modules):
-        return {name: torch.optim.Adam(modules[name].parameters(), lr=self.lr, betas=tuple(self.adam_betas))
-                for name in ("model", "image", "video")}
+        return {name: torch.optim.Adam(module.parameters(), lr=self.lr, betas=tuple(self.adam_betas))
+                for name, module in modules.items()}
 
     def anchors(self, clip: dict) -> np.ndarray:
         return sequence_anchors(len(clip["mels"]), SEQUENCE, IDENTITY_GAP)
@@ -90,6 +114,57 @@ class CRANRecipe(Recipe):
             images.append(crops[list(range(start, start + SEQUENCE)) + [identity]])
             mels.append(clip["mels"][start:start + SEQUENCE])
         return np.stack(images), np.stack(mels)
+
+    def draw_words(self, sampler, rng: np.random.Generator):
+        """LIP_BATCH words of the clips that carry GRID's alignments -> images uint8 RGB
+        [N, L + 1, S, S, 3] (L frames that hold each word, then an identity face outside them), mels
+        [N, L, 80, W], the word's WORD_FRAMES frames within the L [N, WORD_FRAMES], labels [N] (the
+        lip reader's word indices) and lips-crop -> box-crop pixel affines [N, L, 2, 3]."""
+        from dubber.backbones.lipreader import GRID_WORDS
+
+        key = self.spec.key
+        spoken = _clips_with_words(sampler.clips)
+        drawn = []
+        for _ in range(self.lip_batch * distributed.world_size()):
+            index = spoken[rng.integers(len(spoken))]
+            first, end, word = sampler.clips[index]["words"][rng.integers(len(sampler.clips[index]["words"]))]
+            drawn.append((index, first, end, word))
+        span = max(end - first for _, first, end, _ in drawn)
+        images, mels, frames, labels, box_from_lips = [], [], [], [], []
+        for index, first, end, word in drawn:
+            clip = sampler.clips[index]
+            crops, length = clip["crops"][key], len(clip["mels"])
+            start = max(0, min(first, length - span))
+            identity = distant_frame(len(crops), start, span, IDENTITY_GAP, rng)
+            images.append(crops[list(range(start, start + span)) + [identity]])
+            mels.append(clip["mels"][start:start + span])
+            frames.append(word_frames(first, end) - start)
+            labels.append(GRID_WORDS.index(word))
+            lips = _lips_transforms(clip)
+            box_from_lips.append([compose_affine(clip["transforms"][key][t], inverse_affine(lips[t]))
+                                  for t in range(start, start + span)])
+        return (np.stack(images), np.stack(mels), np.stack(frames), np.array(labels),
+                np.array(box_from_lips, np.float32))
+
+    def lip_words(self, model, sampler, rng, device):
+        """Generated and real words as D_l sees them, grey lips [N, WORD_FRAMES, 1, 64, 64] each, and
+        their labels [N] (see draw_words); generated keeps its graph to the model."""
+        images, mels, frames, labels, box_from_lips = self.draw_words(sampler, rng)
+        images, mels = distributed.shard(images), distributed.shard(mels)
+        frames, labels, box_from_lips = (distributed.shard(a) for a in (frames, labels, box_from_lips))
+        pixels = to_float(images, device)
+        mel = torch.from_numpy(mels).to(device).float().unsqueeze(2)
+        generated = model(None, mel, pixels[:, -1]).images  # [B, L, 3, S, S]
+        rows = torch.arange(len(frames), device=device)[:, None]
+        picks = torch.from_numpy(frames).to(device)
+        geometry = torch.from_numpy(box_from_lips).to(device)[rows, picks].flatten(0, 1)
+        weights = torch.tensor(GREY_WEIGHTS, device=device).view(1, 3, 1, 1)
+
+        def lips(sequence: torch.Tensor) -> torch.Tensor:  # [B, L, 3, S, S] -> grey lips of the word
+            warped = resample_crop(sequence[rows, picks].flatten(0, 1), geometry, MOUTH_CROP.size)
+            return (warped * weights).sum(1, keepdim=True).view(len(frames), WORD_FRAMES, 1, *warped.shape[-2:])
+
+        return lips(generated), lips(pixels[:, :-1]), torch.from_numpy(labels).to(device)
 
     def train_step(self, modules, optimizers, sampler, rng, step, device):
         model, image_d, video_d = modules["model"], modules["image"], modules["video"]
@@ -112,6 +187,12 @@ class CRANRecipe(Recipe):
             video = critic_loss(video_d(generated), True)
             loss = loss + self.lambda_video * video
             losses["video"] = video.item()
+        lip_reading = adversarial and self.lambda_lip
+        if lip_reading:
+            fake_lips, real_lips, labels = self.lip_words(model, sampler, rng, device)
+            lip = F.cross_entropy(modules["lip"](fake_lips), labels)
+            loss = loss + self.lambda_lip * lip
+            losses["lip"] = lip.item()
         optimizers["model"].zero_grad(set_to_none=True)
         loss.backward()
         optimizers["model"].step()
@@ -126,7 +207,31 @@ class CRANRecipe(Recipe):
                 judged.backward()
                 optimizers[name].step()
                 losses[f"d_{name}"] = judged.item()
+        if lip_reading:
+            lip_d = modules["lip"]
+            real_logits, fake_logits = lip_d(real_lips), lip_d(fake_lips.detach())
+            fake_true = fake_logits.softmax(1).gather(1, labels[:, None])
+            judged = F.cross_entropy(real_logits, labels) - torch.log1p(-fake_true.clamp(max=1 - 1e-6)).mean()
+            optimizers["lip"].zero_grad(set_to_none=True)
+            judged.backward()
+            optimizers["lip"].step()
+            losses["d_lip"] = judged.item()
         return losses
 
     def validate(self, modules, clips, device):
         return generator_figures(modules["model"], clips, device)
+
+
+def _clips_with_words(clips: Sequence[dict]) -> List[int]:
+    """Indices of the clips that carry aligned words (GRID's); refused when there are none."""
+    spoken = [i for i, clip in enumerate(clips) if clip.get("words")]
+    if not spoken:
+        raise DubberError("the lip-reading critic needs GRID clips with word alignments; none were loaded "
+                          "(or pass --set lambda_lip=0)")
+    return spoken
+
+
+def _lips_transforms(clip: dict) -> np.ndarray:
+    """The lip reader's crop transforms [T, 2, 3] of a clip's frames, from its landmarks (as
+    dubber.cache.derive_crops computes them for its lips crops)."""
+    return crop_transforms(clip["landmarks"], MOUTH_CROP)

@@ -21,7 +21,6 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dubber.backbones.dck import DCK, SIZE
 from dubber.backbones.syncnet import FACE_CROP, MOUTH_FRAMES, MOUTH_H
@@ -33,6 +32,7 @@ from dubber.train.discriminators import PatchDiscriminator
 from dubber.train.recipes import Recipe, recipe
 from dubber.train.sampler import distant_frame
 from dubber.train.validate import generator_figures
+from dubber.train.warp import resample
 
 BATCH_SIZE = 16
 LEARNING_RATE = 2e-4
@@ -177,15 +177,11 @@ def _mouth_weights(size: int, mouth_weight: float, device: torch.device) -> torc
 
 def expert_mouths(images: torch.Tensor, crop_from_expert: torch.Tensor) -> torch.Tensor:
     """Crops [N, 3, S, S] -> the expert's mouth view [N, 3, 48, 96]: the rows of its aligned face
-    that dubber.backbones.syncnet.mouths_from_faces keeps, resampled (bilinear, differentiable:
-    cv2's warp has no gradient) through the pixel affines crop_from_expert [N, 2, 3]."""
-    size, face = images.shape[-1], FACE_CROP.size
-    ys, xs = torch.meshgrid(torch.arange(face - MOUTH_H, face, device=images.device, dtype=images.dtype),
-                            torch.arange(face, device=images.device, dtype=images.dtype), indexing="ij")
-    points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # [48, 96, 3] face pixel centres
-    in_crop = torch.einsum("hwk,nck->nhwc", points, crop_from_expert.to(images.dtype))  # [N, 48, 96, 2]
-    grid = (2 * in_crop + 1) / size - 1  # pixel centres -> grid_sample's [-1, 1] (align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    that dubber.backbones.syncnet.mouths_from_faces keeps, resampled through the pixel affines
+    crop_from_expert [N, 2, 3] (dubber.train.warp: differentiable)."""
+    face = FACE_CROP.size
+    return resample(images, crop_from_expert, torch.arange(face - MOUTH_H, face, device=images.device),
+                    torch.arange(face, device=images.device))
 
 
 def sync_loss(expert: torch.nn.Module, generated: torch.Tensor, mels: torch.Tensor,

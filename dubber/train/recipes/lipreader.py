@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dubber.backbones.lipreader import GREY_WEIGHTS, MOUTH_CROP, LipReader, grey_mouths, word_frames
+from dubber.backbones.lipreader import GREY_WEIGHTS, MOUTH_CROP, LipReader, read_words, word_frames
 from dubber.face.crops import CropSpec
 from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
@@ -23,7 +23,6 @@ BATCH_SIZE = 32  # words a step
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4
 COLOUR_JITTER = 0.1
-VAL_BATCH = 64
 
 
 def word_batch(clips: Sequence[dict], picks, key: str = MOUTH_CROP.key) -> np.ndarray:
@@ -87,15 +86,8 @@ class LipReaderRecipe(Recipe):
 
 def word_accuracy(model: LipReader, clips: Sequence[dict], device, key: str = MOUTH_CROP.key) -> float:
     """The fraction of the clips' aligned words the model reads right (0 when there are none)."""
-    was_training = model.training
-    model.eval()
     picks = [(c, w) for c, clip in enumerate(clips) for w in range(len(clip.get("words", ())))]
-    right = 0
-    with torch.no_grad():
-        for start in range(0, len(picks), VAL_BATCH):
-            chunk = picks[start:start + VAL_BATCH]
-            mouths = torch.from_numpy(grey_mouths(word_batch(clips, chunk, key))).to(device)
-            labels = torch.tensor([model.vocabulary.index(clips[c]["words"][w][2]) for c, w in chunk], device=device)
-            right += int((model(mouths).argmax(1) == labels).sum())
-    model.train(was_training)
-    return right / len(picks) if picks else 0.0
+    if not picks:
+        return 0.0
+    read = read_words(model, word_batch(clips, picks, key), device)
+    return float(np.mean([word == clips[c]["words"][w][2] for word, (c, w) in zip(read, picks)]))

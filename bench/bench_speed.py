@@ -6,6 +6,7 @@
     python bench/bench_speed.py --photo                  # a 512x512 photo speaking 20 s
     python bench/bench_speed.py --photo --no-mouth-bank  # ... with the generated lips, not the photo's own
     python bench/bench_speed.py --backbone dck           # another backbone than lipsync's default
+    python bench/bench_speed.py --backbone cran --weights runs/cran/cran.pt   # one without shipped weights
     python bench/bench_speed.py --device cuda --half     # on a GPU
 
 The clip: three HDTF talking heads of ../shared/data/wild (512x512, 25 fps, their own speech)
@@ -114,6 +115,7 @@ def cli_seconds(face: Path, speech: Path, out: Path, args, store: str = "off") -
     cmd = [sys.executable, "-m", "dubber", "lipsync", face, speech, "-o", out, "--overwrite", "--quiet",
            "--device", args.device, "--precision", args.precision, *(["--half"] if args.half else []),
            *(["--backbone", args.backbone] if args.backbone else []),
+           *(["--weights", args.weights] if args.weights else []),
            *(["--no-mouth-bank"] if args.no_mouth_bank else [])]
     env = dict(os.environ, DUBBER_CACHE_DIR=store, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     started = time.perf_counter()
@@ -165,8 +167,10 @@ def stage_seconds(stats: dict) -> dict:
     return inclusive
 
 
-def profile_child(face: str, speech: str, out: str, device: str, precision: str) -> None:
-    """Run lipsync once under cProfile (CPU-time clock) and print the stage table as JSON.
+def profile_child(face: str, speech: str, out: str, device: str, precision: str, backbone: str, weights: str,
+                  mouth_bank: str) -> None:
+    """Run lipsync once under cProfile (CPU-time clock) and print the stage table as JSON; the
+    options as the timed runs' ("" for lipsync's default backbone and weights).
 
     The main thread and every thread it starts (the paste thread, the model worker) are profiled;
     stages are summed over them. "model" is what no profiled function of a stage accounts for
@@ -193,7 +197,8 @@ def profile_child(face: str, speech: str, out: str, device: str, precision: str)
     started = time.perf_counter()
     threading.setprofile(profile_thread)
     profiler.enable()
-    summary = lipsync(face, speech, out, overwrite=True, device=device, precision=precision)
+    summary = lipsync(face, speech, out, overwrite=True, device=device, precision=precision,
+                      backbone=backbone or None, weights=weights or None, mouth_bank=None if mouth_bank == "auto" else False)
     profiler.disable()
     threading.setprofile(None)
     wall = time.perf_counter() - started
@@ -213,7 +218,8 @@ def profile_child(face: str, speech: str, out: str, device: str, precision: str)
 def profile(face: Path, speech: Path, out: Path, args) -> dict:
     env = dict(os.environ, DUBBER_CACHE_DIR="off", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     result = subprocess.run([sys.executable, __file__, "--profile-child", str(face), str(speech), str(out),
-                             args.device, args.precision], check=True, capture_output=True, text=True, cwd=REPO, env=env)
+                             args.device, args.precision, args.backbone or "", args.weights or "",
+                             "off" if args.no_mouth_bank else "auto"], check=True, capture_output=True, text=True, cwd=REPO, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -226,13 +232,14 @@ def main(argv=None) -> None:
     parser.add_argument("--photo", action="store_true", help=f"a {PHOTO_SIDE}x{PHOTO_SIDE} photo of the clip's face instead")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backbone", default=None, help="as lipsync's (default: lipsync's own for the input)")
+    parser.add_argument("--weights", default=None, help="as lipsync's: the backbone's weights file (e.g. a training run's)")
     parser.add_argument("--no-mouth-bank", action="store_true", help="as lipsync's (a photo: the generated lips, not the photo's)")
     parser.add_argument("--half", action="store_true")
     parser.add_argument("--precision", default="auto", help="the model's arithmetic: auto, fp32 or bf16 (--precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the CLI runs (OMP_NUM_THREADS; "
                         "default: the CLI's own choice)")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
-    parser.add_argument("--profile-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile_child:
         return profile_child(*args.profile_child)

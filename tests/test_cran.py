@@ -144,3 +144,10 @@ def test_lipsync_end_to_end(trained, face_video, face_still, speech_1s, tmp_path
          "--weights", weights, "--quiet"])
     assert code == 0, stderr
     assert len(helpers.decode_frames(out)) == 25
+
+
+def test_a_resume_with_other_settings_names_them(clips, tmp_path):
+    train(recipe_for("cran", batch_size=2), clips, tmp_path / "c.pt", 1, log=lambda m: None)
+    with pytest.raises(DubberError, match=r"other settings \(lambda_video, lr\)"):
+        train(recipe_for("cran", batch_size=2, lr=1e-3, lambda_video=0.0), clips, tmp_path / "c.pt", 2,
+              log=lambda m: None)

@@ -235,7 +235,12 @@ def _load(path: Path, recipe: Recipe, modules, optimizers, state) -> None:
                               f"({saved.get('processes', 1)} process(es) of batch_size "
                               f"{saved['hyperparameters']['batch_size']}); on {world} process(es) {advice}, "
                               "or delete it or pass --no-resume", path)
-        raise DubberError("checkpoint was trained with other settings; delete it or pass --no-resume", path)
+        changed = sorted({k for k in set(saved_settings) | set(settings) if saved_settings.get(k) != settings.get(k)}
+                         | {f"{name}({k})" for name in set(kwargs) | set(saved["kwargs"])
+                            for k in set(kwargs.get(name, {})) | set(saved["kwargs"].get(name, {}))
+                            if kwargs.get(name, {}).get(k) != saved["kwargs"].get(name, {}).get(k)})
+        raise DubberError(f"checkpoint was trained with other settings ({', '.join(changed)}); "
+                          "delete it or pass --no-resume", path)
     for name, module in modules.items():
         module.load_state_dict(saved["modules"][name])
     for name, optimizer in optimizers.items():

@@ -27,8 +27,8 @@ SPOKEN = [(1, 4, "bin"), (5, 11, "blue"), (14, 20, "at"), (20, 23, "f")]  # (fir
 
 @pytest.fixture(scope="module")
 def clips():
-    """Three clips of 24 frames; two carry aligned words (as GRID's do), one does not (as wild ones)."""
-    clips = [helpers.synthetic_box_clip(f"id{i}", 24, i, mel_width=MEL_WIDTH) for i in range(3)]
+    """Three clips of 26 frames; two carry aligned words (as GRID's do), one does not (as wild ones)."""
+    clips = [helpers.synthetic_box_clip(f"id{i}", 26, i, mel_width=MEL_WIDTH) for i in range(3)]
     for clip in clips[:2]:
         clip["words"] = SPOKEN
     return clips
@@ -131,8 +131,11 @@ def test_the_critic_sees_generated_lips_as_the_lip_reader_sees_real_ones(clips):
 
 
 def test_the_lip_critic_needs_words(clips, tmp_path):
-    with pytest.raises(DubberError, match="word alignments"):
-        train(recipe_for("cran", batch_size=2, adv_start=0), clips[2:], tmp_path / "c.pt", 1, log=lambda m: None)
+    """Refused without words, and without a run long enough to keep the identity face off the word."""
+    short = {**clips[0], "mels": clips[0]["mels"][:24]}
+    for corpus in (clips[2:], [short, clips[2]]):
+        with pytest.raises(DubberError, match="word alignments"):
+            train(recipe_for("cran", batch_size=2, adv_start=0), corpus, tmp_path / "c.pt", 1, log=lambda m: None)
 
 
 @pytest.mark.parametrize("kind", ["video", "photo"])

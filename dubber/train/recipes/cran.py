@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from dubber.backbones.cran import CRAN, SIZE
-from dubber.backbones.lipreader import GREY_WEIGHTS, MOUTH_CROP, WORD_FRAMES, word_frames
-from dubber.face.align import compose_affine, crop_transforms, inverse_affine
+from dubber.backbones.lipreader import GREY_WEIGHTS, GRID_WORDS, MOUTH_CROP, WORD_FRAMES, word_frames
 from dubber.errors import DubberError
+from dubber.face.align import compose_affine, crop_transforms, inverse_affine
 from dubber.face.crops import CROP_BOX, CropSpec
 from dubber.train import distributed
 from dubber.train.augment import Jitter, augment, to_float
@@ -56,6 +56,7 @@ LAMBDA_IMAGE = 1e-3  # paper, Sec. 4.1
 LAMBDA_VIDEO = 1e-2  # paper, Sec. 4.1
 LAMBDA_LIP = 1e-3  # paper, Sec. 4.1
 LIP_BATCH = 4  # words a step for the lip-reading critic (each generated over its own frames)
+LONGEST_WORD = 16  # frames: longer words are not drawn (GRID's last 2-15 at 25 fps)
 ADV_START = 2000  # steps of reconstruction alone before the discriminators join
 IDENTITY_GAP = 5  # frames at least between the identity face and any frame of the sequence
 COLOUR_JITTER = 0.08
@@ -120,15 +121,9 @@ class CRANRecipe(Recipe):
         [N, L + 1, S, S, 3] (L frames that hold each word, then an identity face outside them), mels
         [N, L, 80, W], the word's WORD_FRAMES frames within the L [N, WORD_FRAMES], labels [N] (the
         lip reader's word indices) and lips-crop -> box-crop pixel affines [N, L, 2, 3]."""
-        from dubber.backbones.lipreader import GRID_WORDS
-
         key = self.spec.key
-        spoken = _clips_with_words(sampler.clips)
-        drawn = []
-        for _ in range(self.lip_batch * distributed.world_size()):
-            index = spoken[rng.integers(len(spoken))]
-            first, end, word = sampler.clips[index]["words"][rng.integers(len(sampler.clips[index]["words"]))]
-            drawn.append((index, first, end, word))
+        spoken = _drawable_words(sampler.clips)
+        drawn = [spoken[k] for k in rng.integers(len(spoken), size=self.lip_batch * distributed.world_size())]
         span = max(end - first for _, first, end, _ in drawn)
         images, mels, frames, labels, box_from_lips = [], [], [], [], []
         for index, first, end, word in drawn:
@@ -222,12 +217,16 @@ class CRANRecipe(Recipe):
         return generator_figures(modules["model"], clips, device)
 
 
-def _clips_with_words(clips: Sequence[dict]) -> List[int]:
-    """Indices of the clips that carry aligned words (GRID's); refused when there are none."""
-    spoken = [i for i, clip in enumerate(clips) if clip.get("words")]
+def _drawable_words(clips: Sequence[dict]) -> List[Tuple[int, int, int, str]]:
+    """(clip index, first frame, end frame, word) of every aligned word (GRID's) at most LONGEST_WORD
+    frames long, in a clip long enough that any span of that many frames leaves an identity face
+    IDENTITY_GAP frames away; refused when there is none."""
+    room = LONGEST_WORD + 2 * IDENTITY_GAP - 1
+    spoken = [(i, first, end, word) for i, clip in enumerate(clips) if len(clip["mels"]) >= room
+              for first, end, word in clip.get("words", ()) if end - first <= LONGEST_WORD]
     if not spoken:
-        raise DubberError("the lip-reading critic needs GRID clips with word alignments; none were loaded "
-                          "(or pass --set lambda_lip=0)")
+        raise DubberError(f"the lip-reading critic needs GRID clips with word alignments (runs of {room} frames "
+                          "or more); none were loaded (or pass --set lambda_lip=0)")
     return spoken
 
 

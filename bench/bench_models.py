@@ -30,7 +30,7 @@ def time_backbone(name: str, frames: int, runs: int, device: str) -> dict:
     import torch
 
     from dubber.apply import Generator, Step, apply_backbone
-    from dubber.backbones import available
+    from dubber.backbones import CONDITION_NONE, available
 
     cls = available()[name]
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def time_backbone(name: str, frames: int, runs: int, device: str) -> dict:
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (frames, size, size, 3), np.uint8)
     mels = rng.normal(-2, 1, (frames, 80, model.mel_width)).astype(np.float32)
-    identity = crops[0] if model.conditioning != "none" else None
+    identity = crops[0] if model.conditioning != CONDITION_NONE else None
     generator = Generator(model, torch.device(device))
 
     def once(count: int) -> float:

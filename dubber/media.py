@@ -29,6 +29,7 @@ from dubber.errors import DubberError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DEFAULT_IMAGE_FPS = 25.0
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B in grey (every RGB -> grey in dubber)
 VIDEO_CRF = 16  # H.264 quality: with VIDEO_PRESET, a 720p talking clip re-encodes at 50.4 dB PSNR (veryfast at 14: 50.1)
 # Exact-rounding colour conversion with full chroma: BGR<->yuv420p costs > 60 dB instead of ~40.
 SWS_FLAGS = "bicubic+accurate_rnd+full_chroma_int"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import helpers
+from dubber import media
 from dubber.apply import Generator, Step, apply_backbone
 from dubber.backbones import load_backbone
 from dubber.backbones.cran import CRAN, MEL_WIDTH, SIZE, WINDOW
@@ -123,7 +124,7 @@ def test_the_critic_sees_generated_lips_as_the_lip_reader_sees_real_ones(clips):
     def derived(ts):  # the cache's lips crops (dubber.cache.derive_crops) in grey
         crops = np.stack([warp_crop(clip["crops"]["box128"][t], compose_affine(lips[t], inverse_affine(box[t])),
                                     MOUTH_CROP.size) for t in ts])
-        return crops.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255
+        return crops.astype(np.float32) @ np.array(media.LUMA, np.float32) / 255
 
     expected, elsewhere = derived(word_frames(first, end)), derived(np.full(WORD_FRAMES, 0))
     for sample in real[:, :, 0].numpy():

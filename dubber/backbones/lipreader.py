@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dubber import media
 from dubber.backbones import register
 from dubber.checkpoint import SelfDescribing
 from dubber.face.crops import CROP_LIPS, CropSpec
@@ -28,7 +29,6 @@ GRID_WORDS = tuple(sorted(
 MOUTH_CROP = CropSpec(CROP_LIPS, 64)
 WORD_FRAMES = 12  # every word resampled to this many frames (GRID's words last 2-15 at 25 fps)
 FRONT_WIDTHS = (32, 64, 96)
-GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma of R, G, B
 HIDDEN = 128
 
 
@@ -39,7 +39,7 @@ def word_frames(first: int, end: int, frames: int = WORD_FRAMES) -> np.ndarray:
 
 def grey_mouths(crops: np.ndarray) -> np.ndarray:
     """Lips crops uint8 RGB [..., S, S, 3] -> float32 grey [..., 1, S, S] in [0, 1]."""
-    grey = crops.astype(np.float32) @ np.array(GREY_WEIGHTS, np.float32) / 255
+    grey = crops.astype(np.float32) @ np.array(media.LUMA, np.float32) / 255
     return grey[..., None, :, :]
 
 

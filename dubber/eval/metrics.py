@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import cv2
 import numpy as np
 
+from dubber import media
 from dubber.face.landmarks import MOUTH
 
 # PSNR
@@ -122,7 +123,7 @@ def ssim(a: np.ndarray, b: np.ndarray, max_value: float = PSNR_MAX_UINT8) -> flo
 def _to_gray(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 3:
-        image = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # BT.601 luma of RGB
+        image = image.astype(np.float64) @ np.array(media.LUMA)
     if image.ndim != 2:
         raise ValueError(f"expected a gray image [H,W] or RGB [H,W,3], got shape {image.shape}")
     return image.astype(np.float64)

@@ -15,6 +15,7 @@ def critic_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
     """Binary cross-entropy of a critic's logits against one label (real: 1, else 0)."""
     return nn.functional.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
 
+
 PATCH_WIDTHS = (32, 64, 128, 256)
 
 

@@ -11,15 +11,16 @@ One scale, at FLOW_SIZE pixels: lips move a pixel or two a frame there, inside t
 import torch
 import torch.nn.functional as F
 
+from dubber import media
+
 FLOW_SIZE = 32  # pixels: frames are averaged down to this side first (64 -> 32 for Glance's lips)
 WINDOW = 5  # pixels: the least-squares neighbourhood
 RIDGE = 1e-4  # added to the structure tensor's diagonal (intensities in [0, 1], sums are means): flat regions give ~0 flow
-LUMA = (0.299, 0.587, 0.114)  # RGB -> grey (BT.601)
 
 
 def grey(frames: torch.Tensor) -> torch.Tensor:
     """[..., 3, H, W] RGB -> [..., 1, H, W]."""
-    weights = frames.new_tensor(LUMA).view(3, 1, 1)
+    weights = frames.new_tensor(media.LUMA).view(3, 1, 1)
     return (frames * weights).sum(dim=-3, keepdim=True)
 
 

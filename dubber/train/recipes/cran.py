@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from dubber.backbones.cran import CRAN, SIZE
-from dubber.backbones.lipreader import GREY_WEIGHTS, GRID_WORDS, MOUTH_CROP, WORD_FRAMES, word_frames
+from dubber.backbones.lipreader import GRID_WORDS, MOUTH_CROP, WORD_FRAMES, word_frames
 from dubber.errors import DubberError
 from dubber.face.align import compose_affine, crop_transforms, inverse_affine
 from dubber.face.crops import CROP_BOX, CropSpec
-from dubber.train import distributed
+from dubber.train import distributed, flow
 from dubber.train.augment import Jitter, augment, to_float
 from dubber.train.discriminators import PatchDiscriminator, VideoDiscriminator, critic_loss
 from dubber.train.recipes import Recipe, recipe
@@ -153,11 +153,10 @@ class CRANRecipe(Recipe):
         rows = torch.arange(len(frames), device=device)[:, None]
         picks = torch.from_numpy(frames).to(device)
         geometry = torch.from_numpy(box_from_lips).to(device)[rows, picks].flatten(0, 1)
-        weights = torch.tensor(GREY_WEIGHTS, device=device).view(1, 3, 1, 1)
 
         def lips(sequence: torch.Tensor) -> torch.Tensor:  # [B, L, 3, S, S] -> grey lips of the word
             warped = resample_crop(sequence[rows, picks].flatten(0, 1), geometry, MOUTH_CROP.size)
-            return (warped * weights).sum(1, keepdim=True).view(len(frames), WORD_FRAMES, 1, *warped.shape[-2:])
+            return flow.grey(warped).view(len(frames), WORD_FRAMES, 1, *warped.shape[-2:])
 
         return lips(generated), lips(pixels[:, :-1]), torch.from_numpy(labels).to(device)
 
@@ -219,14 +218,14 @@ class CRANRecipe(Recipe):
 
 def _drawable_words(clips: Sequence[dict]) -> List[Tuple[int, int, int, str]]:
     """(clip index, first frame, end frame, word) of every aligned word (GRID's) at most LONGEST_WORD
-    frames long, in a clip long enough that any span of that many frames leaves an identity face
-    IDENTITY_GAP frames away; refused when there is none."""
-    room = LONGEST_WORD + 2 * IDENTITY_GAP - 1
-    spoken = [(i, first, end, word) for i, clip in enumerate(clips) if len(clip["mels"]) >= room
+    frames long, in a clip where any span of that many frames leaves an identity face IDENTITY_GAP
+    frames away (sequence_anchors has starts for it); refused when there is none."""
+    spoken = [(i, first, end, word) for i, clip in enumerate(clips)
+              if sequence_anchors(len(clip["mels"]), LONGEST_WORD, IDENTITY_GAP).size
               for first, end, word in clip.get("words", ()) if end - first <= LONGEST_WORD]
     if not spoken:
-        raise DubberError(f"the lip-reading critic needs GRID clips with word alignments (runs of {room} frames "
-                          "or more); none were loaded (or pass --set lambda_lip=0)")
+        raise DubberError("the lip-reading critic needs GRID clips with word alignments, in runs long enough to "
+                          "draw an identity face apart from a word; none were loaded (or pass --set lambda_lip=0)")
     return spoken
 
 

@@ -117,7 +117,6 @@ class _Generating(nn.Module):
         return self.model.generate(audio, identity), audio
 
 
-
 @recipe
 class GlanceRecipe(Recipe):
     model = "glance"

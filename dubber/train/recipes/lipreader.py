@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dubber.backbones.lipreader import GREY_WEIGHTS, MOUTH_CROP, LipReader, read_words, word_frames
+from dubber.backbones.lipreader import MOUTH_CROP, LipReader, read_words, word_frames
 from dubber.face.crops import CropSpec
-from dubber.train import distributed
+from dubber.train import distributed, flow
 from dubber.train.augment import Jitter, augment, to_float
 from dubber.train.recipes import Recipe, recipe
 
@@ -70,7 +70,7 @@ class LipReaderRecipe(Recipe):
         images = to_float(word_batch(sampler.clips, picks), device)  # [N, T, 3, S, S]
         jitter = Jitter(self.colour_jitter, self.colour_jitter, self.colour_jitter)
         images, _ = augment(images, rng, jitter)
-        grey = (images * torch.tensor(GREY_WEIGHTS, device=device).view(1, 1, 3, 1, 1)).sum(2, keepdim=True)
+        grey = flow.grey(images)
         target = torch.tensor(labels, device=device)
         logits = model(distributed.shard(grey))
         target = distributed.shard(target)

@@ -105,7 +105,6 @@ def dv_estimate(joint: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
     return joint.mean() - (torch.logsumexp(marginal, 0) - np.log(len(marginal)))
 
 
-
 @recipe
 class MIARecipe(Recipe):
     model = "mia"

@@ -510,6 +510,7 @@ def train(
         if main:
             _remove_empty_folders(out.parent, above)
         raise
+    distributed.leave()
     if main:
         typer.echo(str(written))
 

@@ -43,3 +43,4 @@ def run(job: dict) -> None:
 if __name__ == "__main__":
     for job in json.loads(Path(sys.argv[1]).read_text()):
         run(job)
+    distributed.leave()

@@ -85,11 +85,20 @@ def join(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(_leave)
+    atexit.register(_abandon)  # a run that fails leaves the group at exit, without waiting for the others
     return device
 
 
-def _leave() -> None:
+def leave() -> None:
+    """Leave the process group together, once a process is done with it: wait until every process
+    has come here, then close it. A process that closed its end while another still used it aborted
+    at exit (gloo's threads, at interpreter shutdown). The group cannot be joined again after."""
+    if _joined():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _abandon() -> None:
     if _joined():
         dist.destroy_process_group()
 

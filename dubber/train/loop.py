@@ -164,30 +164,32 @@ def train(recipe: Recipe, clips: Sequence[dict], out_path: Union[str, Path], ste
         save()
         log(f"interrupted: training state saved at step {state['step']} ({checkpoint_path}); rerun to resume")
         raise
-    if not main:
-        return state["history"]
-    model = modules["model"]
-    best = state["best"]
-    if best is not None:
-        model.load_state_dict(best["state"])
-    for module in modules.values():
-        module.train()
-    recipe.finish(modules, sampler, np.random.default_rng([seed, steps, 1]), device)
-    meta = {
-        "backbone": recipe.model,
-        "recipe": {"name": recipe.model, **recipe.hyperparameters()},
-        "steps": state["step"],
-        "selected_step": best["step"] if best else state["step"],
-        "validation": best["figures"] if best else {},
-        "data": {**sampler.describe(), **(data_meta or {})},
-        "seed": seed,
-        "losses": {k: v for k, v in state["history"][-1].items() if k != "step"} if state["history"] else {},
-        "hardware": hardware_description(device),
-        "processes": distributed.world_size(),
-    }
-    save_model(model.cpu().eval(), out_path, meta=meta, half=recipe.ship_half)
-    model.meta = meta
-    log(f"wrote {out_path}")
+
+    def write_model():
+        model = modules["model"]
+        best = state["best"]
+        if best is not None:
+            model.load_state_dict(best["state"])
+        for module in modules.values():
+            module.train()
+        recipe.finish(modules, sampler, np.random.default_rng([seed, steps, 1]), device)
+        meta = {
+            "backbone": recipe.model,
+            "recipe": {"name": recipe.model, **recipe.hyperparameters()},
+            "steps": state["step"],
+            "selected_step": best["step"] if best else state["step"],
+            "validation": best["figures"] if best else {},
+            "data": {**sampler.describe(), **(data_meta or {})},
+            "seed": seed,
+            "losses": {k: v for k, v in state["history"][-1].items() if k != "step"} if state["history"] else {},
+            "hardware": hardware_description(device),
+            "processes": distributed.world_size(),
+        }
+        save_model(model.cpu().eval(), out_path, meta=meta, half=recipe.ship_half)
+        model.meta = meta
+        log(f"wrote {out_path}")
+
+    distributed.run_on_main(write_model)  # the others wait: none ends while process 0 writes
     return state["history"]
 
 

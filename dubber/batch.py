@@ -92,7 +92,8 @@ def run_jobs(jobs: List[Job], overwrite: bool, submit: Callable[[Job], Hashable]
              finished: Callable[[Dict[Hashable, Job]], Iterable[Tuple[Hashable, JobResult]]],
              on_result: ResultHook = None, on_retry: ResultHook = None) -> List[JobResult]:
     """The rules every runner shares: existing outputs are skipped (unless `overwrite`), temporaries a
-    killed run left are removed before a job (re)starts, and a failed job runs once more (RETRIES).
+    killed run left are removed before a job (re)starts and once more when the batch ends, and a
+    failed job runs once more (RETRIES).
 
     submit(job) starts a job and returns a handle; finished({handle: job} of those running) blocks
     until at least one is done and yields (handle, JobResult) for them. on_result gets each final
@@ -110,6 +111,7 @@ def run_jobs(jobs: List[Job], overwrite: bool, submit: Callable[[Job], Hashable]
     media.remove_partials(job.output for _, job in todo)  # left by an interrupted earlier run
     running: Dict[Hashable, Job] = {}
     tries: Dict[Hashable, Tuple[int, int]] = {}  # handle -> (index in jobs, attempt)
+    failed_once: List[Path] = []
     for index, job in todo:
         handle = submit(job)
         running[handle], tries[handle] = job, (index, 1)
@@ -119,6 +121,7 @@ def run_jobs(jobs: List[Job], overwrite: bool, submit: Callable[[Job], Hashable]
             result.attempts = attempt
             if result.status == "failed":
                 media.remove_partials([job.output])  # a worker that died mid-write could not
+                failed_once.append(job.output)
             if result.status == "failed" and attempt <= RETRIES:
                 on_retry and on_retry(result)
                 handle = submit(job)
@@ -126,6 +129,9 @@ def run_jobs(jobs: List[Job], overwrite: bool, submit: Callable[[Job], Hashable]
             else:
                 results[index] = result
                 on_result and on_result(result)
+    # Again at the end: the encoder of a worker that died outlives it, reads the end of its input and
+    # writes the temporary it had begun, possibly after the removal above (seen on a loaded machine).
+    media.remove_partials(failed_once)
     return [results[index] for index in range(len(jobs))]
 
 

@@ -64,6 +64,24 @@ def test_run_jobs_skips_finished_outputs_and_retries_a_failure_once(tmp_path):
     assert not stale.exists() and other.exists()
 
 
+def test_a_temporary_written_after_its_worker_died_is_removed_when_the_batch_ends(tmp_path):
+    """A dead worker's encoder finishes its temporary on its own time: here after the failure was
+    reported and its retry had begun."""
+    jobs = [Job(Path("dies"), Path("a.wav"), tmp_path / "dies.mp4")]
+    late = tmp_path / ".dies.orphan_1.partial.mp4"
+    submit, finished_in_place, _ = _runner({"dies": ["failed", "done"]})
+
+    def finished(running):
+        for handle, result in finished_in_place(running):
+            if result.status == "done":
+                late.write_bytes(b"the first attempt's last frames")  # while the retry runs
+            yield handle, result
+
+    results = batch.run_jobs(jobs, False, submit, finished)
+    assert [(r.status, r.attempts) for r in results] == [("done", 2)]
+    assert not late.exists()
+
+
 def test_remove_partials_takes_only_the_given_outputs_temporaries(tmp_path):
     with media.atomic_output(tmp_path / "x.y.mp4") as tmp:
         tmp.write_bytes(b"half")

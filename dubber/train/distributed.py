@@ -17,7 +17,8 @@ to float summation order, except for BatchNorm, below):
   collective per layer), and its running statistics are process 0's (DDP broadcasts buffers).
 - process 0 alone logs, validates, writes checkpoints and the shipped file. What stops a run (the
   validation patience, the time budget) is process 0's decision, broadcast (`main_decides`), so
-  every process stops after the same step.
+  every process stops after the same step; the others wait while it writes the shipped file, and
+  all leave the group together (`leave`).
 - a checkpoint holds the modules and optimisers unwrapped, as one process writes them, and the
   step's batch N*B: a run resumes on any number N' of processes with batch_size N*B/N' (the loop
   refuses another step's batch, as it refuses other hyperparameters).

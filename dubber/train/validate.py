@@ -10,7 +10,7 @@ must beat; the two differ by the frame chosen and by the refit); val_l1_lower (m
 of the crop's lower half, [0, 1] scale) and val_psnr_lower (dB).
 """
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ def generate_clip(model: Backbone, clip: dict, device: torch.device) -> np.ndarr
     return np.ascontiguousarray(np.stack(out))
 
 
-def _identity_index(model: Backbone, clip: dict):
+def _identity_index(model: Backbone, clip: dict) -> Optional[int]:
     """The frame the backbone's conditioning strategy gives it as identity (None: it takes none)."""
     transforms = clip["transforms"][model.crop.key][:VAL_MAX_FRAMES]
     return identity_frame(model.conditioning, clip["landmarks"][:VAL_MAX_FRAMES], transforms)

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import helpers
-from dubber import media
 from dubber.apply import Generator, Step, apply_backbone
 from dubber.backbones import load_backbone
 from dubber.backbones.cran import CRAN, MEL_WIDTH, SIZE, WINDOW
-from dubber.backbones.lipreader import GRID_WORDS, MOUTH_CROP, WORD_FRAMES, word_frames
+from dubber.backbones.lipreader import GRID_WORDS, MOUTH_CROP, WORD_FRAMES, grey_mouths, word_frames
 from dubber.errors import DubberError
 from dubber.face.align import compose_affine, crop_transforms, inverse_affine, warp_crop
 from dubber.train.loop import train
@@ -124,7 +123,7 @@ def test_the_critic_sees_generated_lips_as_the_lip_reader_sees_real_ones(clips):
     def derived(ts):  # the cache's lips crops (dubber.cache.derive_crops) in grey
         crops = np.stack([warp_crop(clip["crops"]["box128"][t], compose_affine(lips[t], inverse_affine(box[t])),
                                     MOUTH_CROP.size) for t in ts])
-        return crops.astype(np.float32) @ np.array(media.LUMA, np.float32) / 255
+        return grey_mouths(crops)[:, 0]
 
     expected, elsewhere = derived(word_frames(first, end)), derived(np.full(WORD_FRAMES, 0))
     for sample in real[:, :, 0].numpy():

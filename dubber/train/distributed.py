@@ -96,7 +96,7 @@ def leave() -> None:
     at exit (gloo's threads, at interpreter shutdown). The group cannot be joined again after."""
     if _joined():
         dist.barrier()
-        dist.destroy_process_group()
+        _abandon()
 
 
 def _abandon() -> None:

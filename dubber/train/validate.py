@@ -25,11 +25,10 @@ from dubber.face.landmarks import predict_landmarks
 VAL_MAX_FRAMES = 75  # frames of each validation clip used (3 s at 25 fps)
 
 
-def generate_clip(model: Backbone, clip: dict, device: torch.device) -> np.ndarray:
-    """The model's crops for a clip (its own audio): uint8 RGB [T, S, S, 3], T = the clip's frames
-    (at most VAL_MAX_FRAMES)."""
+def generate_clip(model: Backbone, clip: dict, device: torch.device, index: Optional[int]) -> np.ndarray:
+    """The model's crops for a clip (its own audio), given crop `index` as identity (None: none):
+    uint8 RGB [T, S, S, 3], T = the clip's frames (at most VAL_MAX_FRAMES)."""
     crops = clip["crops"][model.crop.key][:VAL_MAX_FRAMES]
-    index = _identity_index(model, clip)
     identity = None if index is None else crops[index][..., ::-1]
     generator = Generator(model, device)
     steps = (Step(crop[..., ::-1], mel) for crop, mel in zip(crops, clip["mels"]))
@@ -56,7 +55,8 @@ def generator_figures(model: Backbone, clips: Sequence[dict], device: torch.devi
     lmd, static, copied, l1, psnr = [], [], [], [], []
     key = model.crop.key
     for clip in clips:
-        generated = generate_clip(model, clip, device)
+        index = _identity_index(model, clip)
+        generated = generate_clip(model, clip, device, index)
         real = clip["crops"][key][: len(generated)]
         points = np.stack([transform_points(p, m) for p, m in
                            zip(clip["landmarks"][: len(generated)], clip["transforms"][key][: len(generated)])])
@@ -65,7 +65,6 @@ def generator_figures(model: Backbone, clips: Sequence[dict], device: torch.devi
         lmd.append(metrics.mouth_landmark_distance(_crop_landmarks(generated, boxes), real_points))
         still = np.repeat(real_points[:1], len(real_points), axis=0)
         static.append(metrics.mouth_landmark_distance(still, real_points))
-        index = _identity_index(model, clip)
         if index is not None:
             identity = np.repeat(real[index:index + 1], len(real), axis=0)
             copied.append(metrics.mouth_landmark_distance(_crop_landmarks(identity, boxes), real_points))

@@ -687,7 +687,7 @@ def evaluate(
                         + (f" ({len(failed)} failed: see {out / 'summary.json'})" if failed else ""),
                   caption=run.TABLE_NOTE if expert is not None else None)
     shown = [c for c in run.COLUMNS if any(c in s for s in summary.values())]
-    table.add_column("system")
+    table.add_column("system", no_wrap=True, min_width=max(map(len, summary)))  # names whole; figures squeeze
     for column in shown:
         table.add_column(column, justify="right")
     for system, values in summary.items():

@@ -116,6 +116,18 @@ def test_lmd_known_perturbation():
     assert metrics.mouth_landmark_distance(full_gen, full_real) == pytest.approx(5.0)
 
 
+def test_the_mean_mouth_held_still_beats_its_first_frame_held_still():
+    # Two frames: 8 of the 20 points drop by 2 px in the second (the lips open). The mean mouth is
+    # 1 px from each of them at those points, 0 elsewhere, and its centroid is the sequence's:
+    # 8/20 px. The first frame held is right in frame 0 but for the calibration (8/20 px at every
+    # point: 0.4) and 2 - 0.4 px off at the 8 moved points of frame 1 (0.4 elsewhere): 0.64.
+    real = np.repeat(_mouth(n=1), 2, 0)
+    real[1, :8, 1] += 2.0
+    assert metrics.mean_mouth_distance(real) == pytest.approx(0.4)
+    assert metrics.mouth_landmark_distance(np.repeat(real[:1], 2, 0), real) == pytest.approx(0.64)
+    assert metrics.mean_mouth_distance(np.repeat(real[:1], 5, 0)) == pytest.approx(0.0, abs=1e-9)  # never moves
+
+
 def _face_landmarks(opening, scale=1.0):
     points = np.zeros((68, 2))
     points[36:42] = [30.0, 40.0]  # left eye centre

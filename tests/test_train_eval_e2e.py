@@ -92,6 +92,7 @@ def test_eval_writes_table_csv_json_and_images(corpus, tmp_path):
     summary = json.loads((out_dir / "summary.json").read_text())["systems"]
     assert summary["ground_truth"]["lmd"] == 0 and summary["ground_truth"]["psnr"] == 100
     assert summary["static_frame"]["lmd"] > 0  # the made face moves, so a frozen frame is wrong
+    assert summary["static_frame"]["lmd_mean_mouth"] > 0 and "lmd_mean_mouth" not in summary["ground_truth"]
     rows = list(csv.DictReader(open(out_dir / "clips.csv")))
     assert {r["system"] for r in rows} == {"ground_truth", "static_frame", "shifted_audio"}
     assert len(list((out_dir / "sheets").glob("*.png"))) == 4  # a contact sheet and a sync plot per clip

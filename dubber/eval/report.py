@@ -34,7 +34,7 @@ VIDEOS = "videos"
 PLOTS = "plots"
 SERIES_DECIMALS = 5  # openings are ~0.01-0.5 and distances ~0.5-2: 5 decimals keep every visible step
 CLIP_COLUMNS = ("psnr", "ssim", "lmd", "mouth_corr", "mouth_psnr", "mouth_sharpness_ratio", "lse_d", "lse_c",
-                "lse_c0", "sync_offset", "av_corr")  # the per-clip tables: the main figures, not all 24
+                "lse_c0", "sync_offset", "av_corr")  # the per-clip tables: the main figures, not every column
 BASELINE_NOTES = {
     "ground_truth": "the real video (the ceiling)",
     "static_frame": "its first frame held (a model that does not beat it is not lip syncing)",

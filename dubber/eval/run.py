@@ -51,14 +51,15 @@ MOUTH_SHEET_GAP = 2  # pixels between tiles
 MOUTH_SHEET_LABEL = 16  # pixels of black above each tile for its label (white text on lips is unreadable)
 DATASETS = ("grid", "lrw", "folder")
 BASELINES = ("ground_truth", "static_frame", "shifted_audio")
-COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lse_d", "lse_c", "lse_d0", "lse_c0", "sync_offset",
+COLUMNS = ("psnr", "ssim", "cpbd", "lmd", "lmd_mean_mouth", "lse_d", "lse_c", "lse_d0", "lse_c0", "sync_offset",
            "offset_accuracy", "offset_accuracy_speech", "av_corr", "av_best_corr", "av_best_lag",
            "lse_c0_original", "av_corr_original", "fps_model", "fps_end_to_end",
            "mouth_corr", "mouth_psnr", "mouth_sharpness", "mouth_sharpness_ratio", "silence_opening",
            "silence_opening_real", "mouth_flicker", "word_accuracy")
 TABLE_NOTE = ("lse_d / lse_c: Wav2Lip's, at the best audio offset within +-15 frames, so a shift inside that "
               "range is found and forgiven (it shows in sync_offset); lse_d0 / lse_c0: at the delivered alignment; "
-              "word_accuracy (GRID clips, which carry word alignments): the lip reader's share of words read right.")
+              "word_accuracy (GRID clips, which carry word alignments): the lip reader's share of words read right; "
+              "lmd_mean_mouth (static_frame): the LMD of each clip's real mean mouth held still.")
 
 
 @dataclass
@@ -321,6 +322,8 @@ class Evaluator:
                 row["ssim"] = float(np.mean([metrics.ssim(crops[i], real_crops[i]) for i in idx]))
                 row["lmd"] = metrics.mouth_landmark_distance(
                     np.stack([transform_points(lm[i], m[i]) for i in idx]), real_points)
+                if name == "static_frame":  # the still frame's mouth is one moment's; the best still mouth
+                    row["lmd_mean_mouth"] = metrics.mean_mouth_distance(real_points)
                 row["mouth_corr"] = metrics.mouth_opening_correlation(opening, real_opening)
                 row["mouth_psnr"] = metrics.mouth_psnr([crops[i] for i in idx], [real_crops[i] for i in idx],
                                                        mouth_boxes[idx])

@@ -162,9 +162,8 @@ class RewriteRecipe(Recipe):
                 stills.append(np.linalg.norm(real, axis=-1).mean())
                 # dubber.eval's LMD: the points where they are, each run's mean position removed
                 points = mouth_points(clip)
-                place = points.mean(0)
-                lmds.append(metrics.mouth_landmark_distance(place + pred, points))
-                still_lmds.append(metrics.mouth_landmark_distance(np.broadcast_to(place, points.shape), points))
+                lmds.append(metrics.mouth_landmark_distance(points.mean(0) + pred, points))
+                still_lmds.append(metrics.mean_mouth_distance(points))
                 # openings of whole shapes (the person's mean + the deviation): a deviation's own
                 # "opening" would be its size, not how far the lips are apart
                 for shapes, into in ((shape, predicted_open), (real, real_open)):

@@ -256,7 +256,7 @@ def mouth_landmark_distance(gen_mouths: np.ndarray, real_mouths: np.ndarray) -> 
 def mean_mouth_distance(real_mouths: np.ndarray) -> float:
     """LMD of the sequence's own mean mouth held still against it ([N,20,2] or [N,68,2]): what a
     still mouth of the right average shape scores. The still frame holds one frame's mouth, often a
-    closed one; on GRID's and the val identities' clips this figure is ~15 % below it."""
+    closed one; on GRID's and the val identities' clips this figure is 15-17 % below it."""
     real = _mouth_points(real_mouths)
     return mouth_landmark_distance(np.broadcast_to(real.mean(0), real.shape), real)
 

@@ -117,10 +117,11 @@ def test_lmd_known_perturbation():
 
 
 def test_the_mean_mouth_held_still_beats_its_first_frame_held_still():
-    # Two frames: 8 of the 20 points drop by 2 px in the second (the lips open). The mean mouth is
-    # 1 px from each of them at those points, 0 elsewhere, and its centroid is the sequence's:
-    # 8/20 px. The first frame held is right in frame 0 but for the calibration (8/20 px at every
-    # point: 0.4) and 2 - 0.4 px off at the 8 moved points of frame 1 (0.4 elsewhere): 0.64.
+    # Two frames: 8 of the 20 points drop by 2 px in the second (the lips open). The mean mouth has
+    # the sequence's centroid (no calibration shift) and is 1 px off at those 8 points in both
+    # frames, 0 elsewhere: 8/20 = 0.4. The first frame held is shifted by the calibration (the
+    # centroids differ by 8/20 * 1 px = 0.4 px): 0.4 everywhere in frame 0; in frame 1 2 - 0.4 at
+    # the 8 points and 0.4 elsewhere, 0.88: 0.64 on average.
     real = np.repeat(_mouth(n=1), 2, 0)
     real[1, :8, 1] += 2.0
     assert metrics.mean_mouth_distance(real) == pytest.approx(0.4)
